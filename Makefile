@@ -1,0 +1,34 @@
+# Two commands for a new user: `make demo` and `make test` (each creates and reuses .venv).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/arith_demo
+
+.PHONY: demo test venv sandbox benchmarks clean
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# bubblewrap isolates model-written code; installed when missing and possible.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q bubblewrap >/dev/null 2>&1) || echo "warning: bubblewrap (bwrap) not installed; the code sandbox falls back to rlimits + seccomp-free isolation"; }
+
+demo: $(STAMP) sandbox
+	$(BIN)/python -m restem_jax.main --gin_file=gin/restem_arith.gin --gin.RUN_DIR="'$(RUN_DIR)'"
+
+test: $(STAMP) sandbox
+	$(BIN)/python -m pytest -q tests
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/sampler.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/verifiers.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

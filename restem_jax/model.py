@@ -1,0 +1,237 @@
+"""The decoder: a Llama / Qwen2 / Mistral-family transformer in one file.
+
+One module serves training (full causal forward) and sampling (prefill into a
+KV cache, then one token per step).  Every parameter carries logical axis
+names (see `partitioning.py` for the table that maps them onto a mesh) and the
+main activations carry sharding constraints.
+
+Shape suffixes: B batch, L query length, S key/cache length, D d_model,
+H query heads, K kv heads, G = H // K, E head dim, F mlp dim, V vocab.
+
+Cache layout: each layer keeps `k`, `v` of shape [B, S, K, E].  Prompts are
+left-padded so that every row writes at the same `cache_index`; `kv_mask_BxS`
+says which cache slots hold real tokens.  Positions (for rotary embeddings)
+are per token, so left padding does not shift them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = list  # one {"k": [B,S,K,E], "v": [B,S,K,E]} dict per layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the decoder (defaults: the tiny built-in model)."""
+  vocab_size: int = 259
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None  # default d_model // num_heads
+  mlp_dim: int = 384
+  rope_theta: float = 10_000.0
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = False  # Qwen2
+  sliding_window: int | None = None  # Mistral
+  dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
+  param_dtype: str = "float32"
+  remat: bool = False
+  init_std: float = 0.02
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def num_params(self) -> int:
+    d, e, f, v = self.d_model, self.dim_per_head, self.mlp_dim, self.vocab_size
+    h, k = self.num_heads, self.num_kv_heads
+    attn = d * e * (2 * h + 2 * k) + (e * (h + 2 * k) if self.qkv_bias else 0)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * v
+    return v * d + self.num_layers * per_layer + d + head
+
+
+def _param(mod: nn.Module, name: str, names: tuple, shape: tuple, init=None):
+  cfg = mod.cfg
+  init = init or nn.initializers.normal(cfg.init_std)
+  return mod.param(name, nn.with_logical_partitioning(init, names), shape,
+                   jnp.dtype(cfg.param_dtype))
+
+
+def constrain(x: Array, names: tuple) -> Array:
+  """Sharding constraint by logical names (no-op outside a mesh + rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    w = _param(self, "scale", ("norm",), (x.shape[-1],), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.cfg.rms_eps)
+    return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x_BxLxNxE: Array, positions_BxL: Array, theta: float) -> Array:
+  """Rotary embedding, Hugging Face (rotate-half) convention."""
+  e = x_BxLxNxE.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  ang_BxLxE2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(ang_BxLxE2)[:, :, None, :]
+  sin = jnp.sin(ang_BxLxE2)[:, :, None, :]
+  x = x_BxLxNxE.astype(jnp.float32)
+  x1, x2 = x[..., : e // 2], x[..., e // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  return out.astype(x_BxLxNxE.dtype)
+
+
+def attention_mask(q_index_L: Array, kv_mask_BxS: Array,
+                   sliding_window: int | None) -> Array:
+  """[B, L, S] boolean: causal (in cache coordinates) and real keys only."""
+  k_index_S = jnp.arange(kv_mask_BxS.shape[1])
+  causal_LxS = k_index_S[None, :] <= q_index_L[:, None]
+  if sliding_window:
+    causal_LxS &= q_index_L[:, None] - k_index_S[None, :] < sliding_window
+  return causal_LxS[None] & kv_mask_BxS[:, None, :].astype(bool)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache, cache_index):
+    cfg = self.cfg
+    d, e, h, k = cfg.d_model, cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
+    dt = jnp.dtype(cfg.dtype)
+    wq = _param(self, "q_proj", ("embed", "heads", "kv"), (d, h, e))
+    wk = _param(self, "k_proj", ("embed", "kv_heads", "kv"), (d, k, e))
+    wv = _param(self, "v_proj", ("embed", "kv_heads", "kv"), (d, k, e))
+    wo = _param(self, "o_proj", ("heads", "kv", "embed"), (h, e, d))
+    x = x_BxLxD.astype(dt)
+    q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x, wq.astype(dt))
+    k_BxLxKxE = jnp.einsum("bld,dke->blke", x, wk.astype(dt))
+    v_BxLxKxE = jnp.einsum("bld,dke->blke", x, wv.astype(dt))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxLxHxE += _param(self, "q_bias", ("heads", "kv"), (h, e), zeros).astype(dt)
+      k_BxLxKxE += _param(self, "k_bias", ("kv_heads", "kv"), (k, e), zeros).astype(dt)
+      v_BxLxKxE += _param(self, "v_bias", ("kv_heads", "kv"), (k, e), zeros).astype(dt)
+    q_BxLxHxE = constrain(rope(q_BxLxHxE, positions_BxL, cfg.rope_theta),
+                          ("batch", "length", "act_heads", "kv"))
+    k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
+
+    if cache is not None:  # write this chunk at cache_index, attend over the cache
+      idx = (0, cache_index, 0, 0)
+      k_BxSxKxE = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxE.astype(cache["k"].dtype), idx)
+      v_BxSxKxE = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxE.astype(cache["v"].dtype), idx)
+      cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+    else:
+      k_BxSxKxE, v_BxSxKxE = k_BxLxKxE, v_BxLxKxE
+    kv_names = ("batch", "length", "act_kv_heads", "kv")
+    k_BxSxKxE = constrain(k_BxSxKxE.astype(dt), kv_names)
+    v_BxSxKxE = constrain(v_BxSxKxE.astype(dt), kv_names)
+
+    b, l = x.shape[:2]
+    q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k, h // k, e)
+    s_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
+                             preferred_element_type=jnp.float32) / math.sqrt(e)
+    s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
+    p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt)
+    o_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", p_BxKxGxLxS, v_BxSxKxE)
+    o_BxLxHxE = o_BxLxKxGxE.reshape(b, l, h, e)
+    out_BxLxD = jnp.einsum("blhe,hed->bld", o_BxLxHxE, wo.astype(dt))
+    return constrain(out_BxLxD, ("batch", "length", "act_embed")), cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    w_gate = _param(self, "gate_proj", ("embed", "mlp"), (cfg.d_model, cfg.mlp_dim))
+    w_up = _param(self, "up_proj", ("embed", "mlp"), (cfg.d_model, cfg.mlp_dim))
+    w_down = _param(self, "down_proj", ("mlp", "embed"), (cfg.mlp_dim, cfg.d_model))
+    x = x_BxLxD.astype(dt)
+    h_BxLxF = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+    h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
+    return constrain(h_BxLxF @ w_down.astype(dt), ("batch", "length", "act_embed"))
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache, cache_index):
+    h, cache = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS,
+        cache, cache_index)
+    x_BxLxD = x_BxLxD + h
+    x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD))
+    return x_BxLxD, cache
+
+
+class Decoder(nn.Module):
+  """tokens [B, L] -> logits [B, L, V] (float32), updated cache."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, kv_mask_BxS=None,
+               cache: Cache | None = None, cache_index: Any = 0):
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    if kv_mask_BxS is None:
+      kv_mask_BxS = jnp.ones((b, l if cache is None else cache[0]["k"].shape[1]), bool)
+    q_index_L = cache_index + jnp.arange(l)
+    mask_BxLxS = attention_mask(q_index_L, kv_mask_BxS, cfg.sliding_window)
+
+    embed_VxD = _param(self, "embed", ("vocab", "embed"), (cfg.vocab_size, cfg.d_model))
+    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_cache = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache[i]
+      x_BxLxD, layer_cache = block_cls(cfg, name=f"layer_{i}")(
+          x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, cache_index)
+      new_cache.append(layer_cache)
+    x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      head_DxV = embed_VxD.T
+    else:
+      head_DxV = _param(self, "lm_head", ("embed", "vocab"), (cfg.d_model, cfg.vocab_size))
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(x_BxLxD.dtype),
+                              preferred_element_type=jnp.float32)
+    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+    return logits_BxLxV, (None if cache is None else new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+  shape = (batch, length, cfg.num_kv_heads, cfg.dim_per_head)
+  dt = jnp.dtype(cfg.dtype)
+  return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+          for _ in range(cfg.num_layers)]
+
+
+def init_params(cfg: ModelConfig, rng: Array):
+  """Boxed (logically partitioned) parameters; `nn.unbox` them to use."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Decoder(cfg).init(rng, tokens)["params"]
+
+
+def apply(cfg: ModelConfig, params, tokens_BxL, **kw):
+  """Forward pass with plain (unboxed) parameters."""
+  return Decoder(cfg).apply({"params": params}, tokens_BxL, **kw)

@@ -1,0 +1,124 @@
+"""Device mesh, logical axis rules, and shardings derived from them.
+
+The model names every parameter and activation axis logically ("embed",
+"heads", "batch", ...).  One rules table maps logical names onto the mesh axes
+`data`, `fsdp` and `tensor`.  Shardings are derived from `jax.eval_shape` of
+the boxed init, as in t5x; a dimension that a mesh axis does not divide is
+replicated instead of failing, so small models run on any mesh.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("norm", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when several processes run.
+
+  On Cloud TPU pods and SLURM/Open MPI clusters JAX discovers the coordinator
+  itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID.  Must run before any other JAX call.
+  """
+  if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ \
+      or "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+    jax.distributed.initialize()
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
+              devices=None) -> Mesh:
+  """A mesh with Auto axes (needed by linen logical sharding); -1 fills up."""
+  devices = devices if devices is not None else jax.devices()
+  shape = list(shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"have {len(devices)}")
+  return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices,
+                       axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _fit_spec(spec: P, shape: tuple, mesh: Mesh) -> P:
+  """Drop mesh axes that do not divide their dimension (replicate instead)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept, size = [], 1
+    for a in axes:
+      if dim % (size * mesh.shape[a]) == 0:
+        kept.append(a)
+        size *= mesh.shape[a]
+    out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return P(*out)
+
+
+def logical_shardings(boxed_abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of (boxed) ShapeDtypeStructs from eval_shape."""
+  specs = nn.get_partition_spec(boxed_abstract_tree)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = nn.unbox(boxed_abstract_tree)
+  return jax.tree.map(
+      lambda s, x: NamedSharding(mesh, _fit_spec(s, x.shape, mesh)),
+      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def sharding_for(mesh: Mesh, logical_names: tuple, shape: tuple, rules=DEFAULT_RULES):
+  """NamedSharding of one array given by its logical axis names."""
+  spec = nn.logical_to_mesh_axes(logical_names, rules)
+  return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def host_local_batch_to_global(batch: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """Each host feeds its own slice of the batch; returns global jax Arrays.
+
+  With one process this is a sharded `device_put` of the whole batch.
+  """
+  def put(x):
+    x = np.asarray(x)
+    names = ("batch",) + (None,) * (x.ndim - 1)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding_for(mesh, names, x.shape, rules))
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    sharding = sharding_for(mesh, names, global_shape, rules)
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+  return jax.tree.map(put, batch)
+
+
+def log_shardings(tree, name: str = "params") -> None:
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    logging.debug("%s%s %s %s", name, jax.tree_util.keystr(path), x.shape, x.sharding.spec)

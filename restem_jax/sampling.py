@@ -1,0 +1,183 @@
+"""Batched sampling: one jitted prefill, then a `lax.while_loop` over tokens.
+
+Prompts are left-padded into fixed shape buckets (prompt length rounded up to
+a power of two, a fixed batch per call), so a long E-step compiles once.  The
+prompt is prefilled once and its KV cache is repeated `num_samples` times,
+so samples of one prompt share the prefill.  Decoding stops when every row
+has emitted EOS or `max_new_tokens` is reached.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from restem_jax import model as model_lib
+from restem_jax import partitioning
+
+
+@dataclasses.dataclass
+class Samples:
+  """tokens/logprobs: [num_prompts, num_samples, max_new_tokens]; lengths count EOS."""
+  tokens: np.ndarray
+  lengths: np.ndarray
+  logprobs: np.ndarray  # log p(token) under the model (temperature 1, unfiltered)
+
+  def completions(self, i: int, eos_id: int) -> list[list[int]]:
+    """Token lists of prompt i's samples, a final EOS stripped."""
+    out = []
+    for t, n in zip(self.tokens[i], self.lengths[i]):
+      t = [int(x) for x in t[:n]]
+      out.append(t[:-1] if t and t[-1] == eos_id else t)
+    return out
+
+
+def filter_logits(logits_NxV, temperature, top_k: int = 0, top_p: float = 1.0):
+  """Temperature, then top-k, then nucleus filtering; masked entries are -inf."""
+  x = logits_NxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  if top_k and top_k < x.shape[-1]:
+    kth_Nx1 = jax.lax.top_k(x, top_k)[0][:, -1:]
+    x = jnp.where(x < kth_Nx1, -jnp.inf, x)
+  if top_p < 1.0:
+    sorted_NxV = jnp.sort(x, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_NxV, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep = before < top_p
+    threshold_Nx1 = jnp.min(jnp.where(keep, sorted_NxV, jnp.inf), -1, keepdims=True)
+    x = jnp.where(x < threshold_Nx1, -jnp.inf, x)
+  return x
+
+
+def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.0):
+  """One token per row; greedy (argmax) where temperature == 0."""
+  greedy_N = jnp.argmax(logits_NxV, axis=-1)
+  drawn_N = jax.random.categorical(rng, filter_logits(logits_NxV, temperature, top_k, top_p))
+  return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "cfg", "num_samples", "max_new_tokens", "top_k", "top_p", "rules"))
+def generate(params, prompts_BxP, prompt_mask_BxP, rng, temperature, eos_id, pad_id, *,
+             cfg: model_lib.ModelConfig, num_samples: int, max_new_tokens: int,
+             top_k: int = 0, top_p: float = 1.0, rules=partitioning.DEFAULT_RULES):
+  """Device-side sampling on left-padded prompts; returns [B*n, T] arrays."""
+  with nn.logical_axis_rules(rules):
+    b, p = prompts_BxP.shape
+    n, t = num_samples, max_new_tokens
+    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
+    kv_mask_BxS = jnp.concatenate(
+        [prompt_mask_BxP.astype(bool), jnp.zeros((b, t), bool)], axis=1)
+    cache = model_lib.init_cache(cfg, b, p + t)
+    logits_BxPxV, cache = model_lib.apply(
+        cfg, params, prompts_BxP, positions_BxL=positions_BxP, kv_mask_BxS=kv_mask_BxS,
+        cache=cache, cache_index=0)
+
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # samples of a prompt share its prefill
+    cache_names = ("batch", "length", "act_kv_heads", "kv")
+    cache = jax.tree.map(lambda c: model_lib.constrain(rep(c), cache_names), cache)
+    state = dict(
+        step=jnp.int32(0),
+        tokens=jnp.full((b * n, t), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b * n, t), jnp.float32),
+        lengths=jnp.zeros((b * n,), jnp.int32),
+        done=jnp.zeros((b * n,), bool),
+        logits=rep(logits_BxPxV[:, -1]),
+        position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
+        kv_mask=rep(kv_mask_BxS),
+        cache=cache,
+        rng=rng)
+
+    def cond(s):
+      return (s["step"] < t) & ~jnp.all(s["done"])
+
+    def body(s):
+      rng, sub = jax.random.split(s["rng"])
+      step, done = s["step"], s["done"]
+      tok_N = sample_token(s["logits"], sub, temperature, top_k, top_p)
+      lp_N = jnp.take_along_axis(jax.nn.log_softmax(s["logits"]), tok_N[:, None], -1)[:, 0]
+      tok_N = jnp.where(done, pad_id, tok_N)
+      kv_mask = s["kv_mask"].at[:, p + step].set(~done)
+      logits, cache = model_lib.apply(
+          cfg, params, tok_N[:, None], positions_BxL=s["position"][:, None],
+          kv_mask_BxS=kv_mask, cache=s["cache"], cache_index=p + step)
+      return dict(
+          step=step + 1,
+          tokens=s["tokens"].at[:, step].set(tok_N),
+          logprobs=s["logprobs"].at[:, step].set(jnp.where(done, 0.0, lp_N)),
+          lengths=s["lengths"] + (~done).astype(jnp.int32),
+          done=done | (tok_N == eos_id),
+          logits=logits[:, 0],
+          position=s["position"] + 1,
+          kv_mask=kv_mask,
+          cache=cache,
+          rng=rng)
+
+    s = jax.lax.while_loop(cond, body, state)
+    return s["tokens"], s["lengths"], s["logprobs"]
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int):
+  tokens = np.full((rows, length), pad_id, np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  for i, pr in enumerate(prompts):
+    if len(pr) > length:
+      raise ValueError(f"prompt {i} has {len(pr)} tokens, more than the bucket {length}")
+    if len(pr) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    tokens[i, length - len(pr):] = pr
+    mask[i, length - len(pr):] = 1
+  mask[len(prompts):, -1] = 1  # filler rows: one dummy token so softmax is defined
+  return tokens, mask
+
+
+def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[int]], *,
+           num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, eos_id: int = 1, pad_id: int = 0,
+           rng: jax.Array | int = 0, batch_size: int = 32, max_prompt_len: int | None = None,
+           mesh=None, rules=partitioning.DEFAULT_RULES, progress=None) -> Samples:
+  """Samples `num_samples` completions for each prompt (token lists).
+
+  Prompts are processed `batch_size` at a time (the last batch padded, so every
+  call has the same shape).  Prompt length is bucketed to a power of two, or
+  fixed with `max_prompt_len`.  With a mesh the batch is sharded over the
+  data axes (`batch_size` is rounded up to a multiple of their size).
+  `progress(num_done)` is called after each batch.
+  """
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  num = len(prompt_tokens)
+  if mesh is not None:
+    dp = partitioning.data_parallel_size(mesh)
+    batch_size = -(-batch_size // dp) * dp
+  longest = max(len(p) for p in prompt_tokens) if num else 1
+  plen = max_prompt_len or bucket_length(longest)
+  out_t = np.zeros((num, num_samples, max_new_tokens), np.int32)
+  out_l = np.zeros((num, num_samples), np.int32)
+  out_lp = np.zeros((num, num_samples, max_new_tokens), np.float32)
+  for start in range(0, num, batch_size):
+    chunk = prompt_tokens[start:start + batch_size]
+    toks, mask = left_pad(chunk, plen, batch_size, pad_id)
+    if mesh is not None:
+      toks, mask = (jax.device_put(a, partitioning.sharding_for(mesh, ("batch", "length"), a.shape, rules))
+                    for a in (toks, mask))
+    t, l, lp = generate(params, toks, mask, jax.random.fold_in(rng, start),
+                        jnp.float32(temperature), jnp.int32(eos_id), jnp.int32(pad_id),
+                        cfg=cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                        top_k=int(top_k), top_p=float(top_p), rules=rules)
+    k = len(chunk)
+    shape = (batch_size, num_samples, max_new_tokens)
+    out_t[start:start + k] = np.asarray(t).reshape(shape)[:k]
+    out_lp[start:start + k] = np.asarray(lp).reshape(shape)[:k]
+    out_l[start:start + k] = np.asarray(l).reshape(shape[:2])[:k]
+    if progress:
+      progress(min(start + batch_size, num))
+  return Samples(out_t, out_l, out_lp)

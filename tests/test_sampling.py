@@ -1,0 +1,111 @@
+"""KV-cache decoding, greedy, top-k / top-p, sampling frequencies, EOS handling."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from restem_jax import model, partitioning, sampling
+
+CFG = model.ModelConfig(vocab_size=61, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        mlp_dim=128, init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return nn.unbox(model.init_params(CFG, jax.random.key(0)))
+
+
+def test_kv_cache_matches_full_forward(params):
+  """Prefill of left-padded prompts of different lengths + token-by-token decode."""
+  rng = np.random.RandomState(0)
+  lens = [3, 9, 6]
+  seqs = [list(rng.randint(3, 61, n + 5)) for n in lens]
+  p, t = 16, 5
+  toks, mask = sampling.left_pad([s[:n] for s, n in zip(seqs, lens)], p, 3, 0)
+  kv_mask = np.concatenate([mask, np.zeros((3, t), np.int32)], 1).astype(bool)
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  cache = model.init_cache(CFG, 3, p + t)
+  logits, cache = model.apply(CFG, params, jnp.asarray(toks), positions_BxL=pos,
+                              kv_mask_BxS=kv_mask, cache=cache, cache_index=0)
+  for i, (s, n) in enumerate(zip(seqs, lens)):
+    full, _ = model.apply(CFG, params, jnp.asarray([s]))
+    np.testing.assert_allclose(logits[i, p - n:], full[0, :n], atol=1e-5)
+  for step in range(t):
+    kv_mask[:, p + step] = True
+    tok = np.array([[s[n + step]] for s, n in zip(seqs, lens)])
+    out, cache = model.apply(CFG, params, jnp.asarray(tok), positions_BxL=np.array(lens)[:, None] + step,
+                             kv_mask_BxS=kv_mask, cache=cache, cache_index=p + step)
+    for i, (s, n) in enumerate(zip(seqs, lens)):
+      full, _ = model.apply(CFG, params, jnp.asarray([s]))
+      np.testing.assert_allclose(out[i, 0], full[0, n + step], atol=1e-5)
+
+
+def test_temperature_zero_is_greedy(params):
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  out = sampling.sample(CFG, params, prompts, num_samples=3, max_new_tokens=10, temperature=0.0,
+                        eos_id=-1, rng=3, batch_size=2)
+  for i, pr in enumerate(prompts):
+    seq = list(pr)
+    for _ in range(10):
+      logits, _ = model.apply(CFG, params, jnp.asarray([seq]))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    for j in range(3):
+      assert list(out.tokens[i, j]) == seq[len(pr):]
+
+
+def test_top_k_and_top_p_stay_in_allowed_set():
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(64, 61) * 3, jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 50)
+  probs = np.asarray(jax.nn.softmax(logits))
+  topk = np.argsort(-np.asarray(logits), -1)[:, :5]
+  order = np.argsort(-probs, -1)
+  sorted_p = np.take_along_axis(probs, order, -1)
+  nucleus = [set(order[r, :np.searchsorted(np.cumsum(sorted_p[r]), 0.6) + 1]) for r in range(64)]
+  for k in keys:
+    a = np.asarray(sampling.sample_token(logits, k, 1.0, top_k=5))
+    assert all(a[r] in topk[r] for r in range(64))
+    b = np.asarray(sampling.sample_token(logits, k, 1.0, top_p=0.6))
+    assert all(b[r] in nucleus[r] for r in range(64))
+
+
+def test_sampling_frequencies_match_softmax():
+  logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+  temperature = 0.7
+  draws = jax.vmap(lambda k: sampling.sample_token(logits, k, temperature)[0])(
+      jax.random.split(jax.random.key(42), 20000))
+  counts = np.bincount(np.asarray(draws), minlength=6)
+  expected = np.asarray(jax.nn.softmax(logits[0] / temperature)) * 20000
+  assert stats.chisquare(counts, expected).pvalue > 0.001
+
+
+def test_eos_stops_and_pads(params):
+  # Force EOS: the greedy first token of each prompt is used as the EOS id.
+  prompts = [[5, 6, 7], [20, 21]]
+  greedy = sampling.sample(CFG, params, prompts, max_new_tokens=6, eos_id=-1, batch_size=2)
+  eos = int(greedy.tokens[0, 0, 2])
+  out = sampling.sample(CFG, params, prompts, max_new_tokens=6, eos_id=eos, batch_size=2)
+  for i in range(2):
+    toks, n = out.tokens[i, 0], out.lengths[i, 0]
+    ref = list(greedy.tokens[i, 0])
+    stop = ref.index(eos) + 1 if eos in ref else 6
+    assert n == stop
+    assert list(toks[:n]) == ref[:n]
+    assert (toks[n:] == 0).all() and (out.logprobs[i, 0, n:] == 0).all()
+  assert out.completions(0, eos)[0] == list(greedy.tokens[0, 0, :2])
+
+
+def test_sampling_on_mesh_matches_single_device(params):
+  mesh = partitioning.make_mesh((2, 2, 2))
+  shardings = partitioning.logical_shardings(
+      jax.eval_shape(lambda r: model.init_params(CFG, r), jax.random.key(0)), mesh)
+  sharded = jax.device_put(params, shardings)
+  prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+  kw = dict(num_samples=2, max_new_tokens=8, temperature=0.8, top_k=10, eos_id=-1, rng=7, batch_size=4)
+  a = sampling.sample(CFG, params, prompts, **kw)
+  with jax.set_mesh(mesh):
+    b = sampling.sample(CFG, sharded, prompts, mesh=mesh, **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)

@@ -1,0 +1,138 @@
+"""Sharded training equals single-device, checkpoints resume exactly, the model learns."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from restem_jax import checkpoints, model, partitioning, sampling, training
+
+CFG = model.ModelConfig(vocab_size=61, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        mlp_dim=128)
+
+
+def make_data(n=16, length=20, seed=0, prompt=6):
+  rng = np.random.RandomState(seed)
+  toks = rng.randint(3, 61, (n, length)).astype(np.int32)
+  toks[:, -1] = 1
+  mask = np.zeros((n, length), np.int32)
+  mask[:, prompt:] = 1
+  return dict(tokens=toks, loss_mask=mask, reward=np.ones(n, np.float32))
+
+
+def test_sharded_step_equals_single_device():
+  tc = training.TrainConfig(batch_size=8, grad_accum=2, warmup_steps=1, total_steps=10)
+  batch = training.batch_for_step(make_data(), 0, 8, 0)
+  results = []
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = partitioning.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    with jax.set_mesh(mesh):
+      state, shardings = training.create_state(CFG, tc, mesh)
+      ev = training.jit_eval_step(CFG, mesh, shardings.params)
+      loss = np.asarray(ev(state.params, batch))
+      state, metrics = training.jit_train_step(CFG, tc, mesh, shardings)(state, batch)
+      results.append((loss, jax.device_get(state.params), jax.device_get(metrics), state))
+  (l1, p1, m1, _), (l8, p8, m8, s8) = results
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p8)
+  q = s8.params["layer_0"]["attn"]["q_proj"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  assert q.addressable_shards[0].data.shape == (32, 2, 16)
+  mu = s8.opt_state[1][0].mu["layer_0"]["mlp"]["up_proj"]
+  assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_zero_reward_gives_no_gradient():
+  tc = training.TrainConfig(batch_size=8, warmup_steps=1)
+  mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  data = make_data(8)
+  state, sh = training.create_state(CFG, tc, mesh)
+  step = training.jit_train_step(CFG, tc, mesh, sh)
+  half = dict(data, reward=np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32))
+  changed = dict(half, tokens=half["tokens"].copy())
+  changed["tokens"][4:] = np.random.RandomState(9).randint(3, 61, changed["tokens"][4:].shape)
+  p0 = jax.device_get(state.params)
+  s_a, m_a = step(training.create_state(CFG, tc, mesh, params=p0)[0], half)
+  s_b, m_b = step(training.create_state(CFG, tc, mesh, params=p0)[0], changed)
+  np.testing.assert_allclose(m_a["grad_norm"], m_b["grad_norm"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), s_a.params, s_b.params)
+  only4 = {k: v[:4] for k, v in half.items()}
+  ev = training.jit_eval_step(CFG, mesh, sh.params)
+  a = np.asarray(ev(p0, half))
+  np.testing.assert_allclose(a, np.asarray(training.eval_step(p0, only4, cfg=CFG, rules=())), rtol=1e-5)
+
+
+def test_checkpoint_roundtrip_and_identical_next_step(tmp_path):
+  tc = training.TrainConfig(batch_size=8, warmup_steps=2, total_steps=20)
+  mesh = partitioning.make_mesh((2, 2, 2))
+  data = make_data()
+  with jax.set_mesh(mesh):
+    state, sh = training.create_state(CFG, tc, mesh)
+    step = training.jit_train_step(CFG, tc, mesh, sh)
+    for i in range(3):
+      state, _ = step(state, training.batch_for_step(data, i, 8, 0))
+    mngr = checkpoints.manager(str(tmp_path / "ckpt"))
+    checkpoints.save(mngr, 3, state, {"note": "x"})
+    fresh, _ = training.create_state(CFG, tc, mesh, rng=jax.random.key(5))
+    restored, meta = checkpoints.restore(mngr, 3, fresh)
+    assert meta == {"note": "x"}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(state), jax.device_get(restored))
+    assert restored.params["embed"].sharding == state.params["embed"].sharding
+    batch = training.batch_for_step(data, 3, 8, 0)
+    want = jax.device_get(step(jax.tree.map(lambda x: x.copy(), state), batch)[0].params)
+    got = jax.device_get(step(restored, batch)[0].params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), want, got)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, {root!r})
+    import numpy as np, jax
+    from restem_jax import partitioning, training
+    from tests.test_training import CFG, make_data
+    tc = training.TrainConfig(batch_size=8, warmup_steps=2, total_steps=12, checkpoint_every=4, log_every=1)
+    kill_at = int(sys.argv[2])
+    def log(m):
+      if "loss" in m and m["step"] == kill_at:
+        os._exit(9)  # killed between steps, after step kill_at
+    params, _, state = training.train(CFG, tc, make_data(), sys.argv[1], partitioning.make_mesh((2, 2, 2)), log=log)
+    np.save(os.path.join(sys.argv[1], "final.npy"), np.asarray(state.params["embed"]))
+""")
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / "run.py"
+  script.write_text(KILL_SCRIPT.format(root=root))
+  run = lambda d, k: subprocess.run([sys.executable, str(script), str(d), str(k)], cwd=root,
+                                    capture_output=True, text=True)
+  r = run(tmp_path / "a", 6)
+  assert r.returncode == 9, r.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["4"]
+  r = run(tmp_path / "a", -1)
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = run(tmp_path / "b", -1)
+  assert r.returncode == 0, r.stderr[-2000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "a" / "final.npy"), np.load(tmp_path / "b" / "final.npy"))
+
+
+def test_learns_memorised_answers_and_only_rewarded_ones(tmp_path):
+  data = make_data(16, 18, seed=3)
+  data["reward"][8:] = 0.0
+  tc = training.TrainConfig(batch_size=16, warmup_steps=10, total_steps=250, learning_rate=3e-3,
+                            eval_every=1000, checkpoint_every=1000)
+  history = []
+  params, _, _ = training.train(CFG, tc, data, str(tmp_path), partitioning.make_mesh(),
+                                log=history.append)
+  assert history[-1]["loss"] < 0.05
+  out = sampling.sample(CFG, params, [list(t[:6]) for t in data["tokens"]], max_new_tokens=12,
+                        eos_id=1, batch_size=16)
+  match = (out.tokens[:, 0, :12] == data["tokens"][:, 6:]).all(1)
+  assert match[:8].all(), match
+  assert not match[8:].any(), match
