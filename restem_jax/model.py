@@ -8,7 +8,8 @@ main activations carry sharding constraints.
 Shape suffixes: B batch, L query length, S key/cache length, D d_model,
 H query heads, K kv heads, G = H // K, E head dim, F mlp dim, V vocab.
 
-Cache layout: each layer keeps `k`, `v` of shape [B, S, K, E].  Prompts are
+Cache layout: each layer keeps `k`, `v` of shape [B, K, S, E] (batch and kv
+head first, so attention needs no transposes of the cache).  Prompts are
 left-padded so that every row writes at the same `cache_index`; `kv_mask_BxS`
 says which cache slots hold real tokens.  Positions (for rotary embeddings)
 are per token, so left padding does not shift them.
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-Cache = list  # one {"k": [B,S,K,E], "v": [B,S,K,E]} dict per layer
+Cache = list  # one {"k": [B,K,S,E], "v": [B,K,S,E]} dict per layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,25 +132,30 @@ class Attention(nn.Module):
                           ("batch", "length", "act_heads", "kv"))
     k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
 
+    k_BxKxLxE = k_BxLxKxE.transpose(0, 2, 1, 3)
+    v_BxKxLxE = v_BxLxKxE.transpose(0, 2, 1, 3)
     if cache is not None:  # write this chunk at cache_index, attend over the cache
-      idx = (0, cache_index, 0, 0)
-      k_BxSxKxE = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxE.astype(cache["k"].dtype), idx)
-      v_BxSxKxE = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxE.astype(cache["v"].dtype), idx)
-      cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+      idx = (0, 0, cache_index, 0)
+      k_BxKxSxE = jax.lax.dynamic_update_slice(cache["k"], k_BxKxLxE.astype(cache["k"].dtype), idx)
+      v_BxKxSxE = jax.lax.dynamic_update_slice(cache["v"], v_BxKxLxE.astype(cache["v"].dtype), idx)
+      cache = {"k": k_BxKxSxE, "v": v_BxKxSxE}
     else:
-      k_BxSxKxE, v_BxSxKxE = k_BxLxKxE, v_BxLxKxE
-    kv_names = ("batch", "length", "act_kv_heads", "kv")
-    k_BxSxKxE = constrain(k_BxSxKxE.astype(dt), kv_names)
-    v_BxSxKxE = constrain(v_BxSxKxE.astype(dt), kv_names)
+      k_BxKxSxE, v_BxKxSxE = k_BxKxLxE, v_BxKxLxE
+    kv_names = ("batch", "act_kv_heads", "length", "kv")
+    k_BxKxSxE = constrain(k_BxKxSxE.astype(dt), kv_names)
+    v_BxKxSxE = constrain(v_BxKxSxE.astype(dt), kv_names)
 
+    # (batch, kv head) lead in every operand: no transposes of the cache.
     b, l = x.shape[:2]
-    q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k, h // k, e)
-    s_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
-                             preferred_element_type=jnp.float32) / math.sqrt(e)
-    s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
-    p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt)
-    o_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", p_BxKxGxLxS, v_BxSxKxE)
-    o_BxLxHxE = o_BxLxKxGxE.reshape(b, l, h, e)
+    g = h // k
+    q_BxKxGLxE = q_BxLxHxE.reshape(b, l, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * l, e)
+    s_BxKxGLxS = jnp.einsum("bkqe,bkse->bkqs", q_BxKxGLxE, k_BxKxSxE,
+                            preferred_element_type=jnp.float32) / math.sqrt(e)
+    mask_Bx1x1xLxS = mask_BxLxS[:, None, None]
+    s_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, s_BxKxGLxS.reshape(b, k, g, l, -1), -1e30)
+    p_BxKxGLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt).reshape(b, k, g * l, -1)
+    o_BxKxGLxE = jnp.einsum("bkqs,bkse->bkqe", p_BxKxGLxS, v_BxKxSxE)
+    o_BxLxHxE = o_BxKxGLxE.reshape(b, k, g, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
     out_BxLxD = jnp.einsum("blhe,hed->bld", o_BxLxHxE, wo.astype(dt))
     return constrain(out_BxLxD, ("batch", "length", "act_embed")), cache
 
@@ -194,7 +200,7 @@ class Decoder(nn.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
     if kv_mask_BxS is None:
-      kv_mask_BxS = jnp.ones((b, l if cache is None else cache[0]["k"].shape[1]), bool)
+      kv_mask_BxS = jnp.ones((b, l if cache is None else cache[0]["k"].shape[2]), bool)
     q_index_L = cache_index + jnp.arange(l)
     mask_BxLxS = attention_mask(q_index_L, kv_mask_BxS, cfg.sliding_window)
 
@@ -220,7 +226,7 @@ class Decoder(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
-  shape = (batch, length, cfg.num_kv_heads, cfg.dim_per_head)
+  shape = (batch, cfg.num_kv_heads, length, cfg.dim_per_head)
   dt = jnp.dtype(cfg.dtype)
   return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
           for _ in range(cfg.num_layers)]

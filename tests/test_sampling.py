@@ -12,6 +12,11 @@ CFG = model.ModelConfig(vocab_size=61, d_model=64, num_layers=2, num_heads=4, nu
                         mlp_dim=128, init_std=0.3)
 
 
+forward = jax.jit(lambda p, t: model.apply(CFG, p, t)[0])
+step = jax.jit(lambda p, t, pos, m, c, i: model.apply(CFG, p, t, positions_BxL=pos, kv_mask_BxS=m,
+                                                     cache=c, cache_index=i))
+
+
 @pytest.fixture(scope="module")
 def params():
   return nn.unbox(model.init_params(CFG, jax.random.key(0)))
@@ -27,19 +32,16 @@ def test_kv_cache_matches_full_forward(params):
   kv_mask = np.concatenate([mask, np.zeros((3, t), np.int32)], 1).astype(bool)
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
   cache = model.init_cache(CFG, 3, p + t)
-  logits, cache = model.apply(CFG, params, jnp.asarray(toks), positions_BxL=pos,
-                              kv_mask_BxS=kv_mask, cache=cache, cache_index=0)
-  for i, (s, n) in enumerate(zip(seqs, lens)):
-    full, _ = model.apply(CFG, params, jnp.asarray([s]))
-    np.testing.assert_allclose(logits[i, p - n:], full[0, :n], atol=1e-5)
-  for step in range(t):
-    kv_mask[:, p + step] = True
-    tok = np.array([[s[n + step]] for s, n in zip(seqs, lens)])
-    out, cache = model.apply(CFG, params, jnp.asarray(tok), positions_BxL=np.array(lens)[:, None] + step,
-                             kv_mask_BxS=kv_mask, cache=cache, cache_index=p + step)
-    for i, (s, n) in enumerate(zip(seqs, lens)):
-      full, _ = model.apply(CFG, params, jnp.asarray([s]))
-      np.testing.assert_allclose(out[i, 0], full[0, n + step], atol=1e-5)
+  logits, cache = step(params, jnp.asarray(toks), pos, kv_mask, cache, 0)
+  fulls = [forward(params, jnp.asarray([s]))[0] for s in seqs]
+  for i, n in enumerate(lens):
+    np.testing.assert_allclose(logits[i, p - n:], fulls[i][:n], atol=1e-5)
+  for t_ in range(t):
+    kv_mask[:, p + t_] = True
+    tok = np.array([[s[n + t_]] for s, n in zip(seqs, lens)])
+    out, cache = step(params, jnp.asarray(tok), np.array(lens)[:, None] + t_, kv_mask, cache, p + t_)
+    for i, n in enumerate(lens):
+      np.testing.assert_allclose(out[i, 0], fulls[i][n + t_], atol=1e-5)
 
 
 def test_temperature_zero_is_greedy(params):
@@ -47,10 +49,9 @@ def test_temperature_zero_is_greedy(params):
   out = sampling.sample(CFG, params, prompts, num_samples=3, max_new_tokens=10, temperature=0.0,
                         eos_id=-1, rng=3, batch_size=2)
   for i, pr in enumerate(prompts):
-    seq = list(pr)
-    for _ in range(10):
-      logits, _ = model.apply(CFG, params, jnp.asarray([seq]))
-      seq.append(int(jnp.argmax(logits[0, -1])))
+    seq = list(pr) + [0] * 10
+    for j in range(len(pr), len(seq)):  # causal: later filler tokens do not matter
+      seq[j] = int(jnp.argmax(forward(params, jnp.asarray([seq]))[0, j - 1]))
     for j in range(3):
       assert list(out.tokens[i, j]) == seq[len(pr):]
 
@@ -64,10 +65,10 @@ def test_top_k_and_top_p_stay_in_allowed_set():
   order = np.argsort(-probs, -1)
   sorted_p = np.take_along_axis(probs, order, -1)
   nucleus = [set(order[r, :np.searchsorted(np.cumsum(sorted_p[r]), 0.6) + 1]) for r in range(64)]
-  for k in keys:
-    a = np.asarray(sampling.sample_token(logits, k, 1.0, top_k=5))
+  draw_k = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, 1.0, top_k=5)))
+  draw_p = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, 1.0, top_p=0.6)))
+  for a, b in zip(np.asarray(draw_k(keys)), np.asarray(draw_p(keys))):
     assert all(a[r] in topk[r] for r in range(64))
-    b = np.asarray(sampling.sample_token(logits, k, 1.0, top_p=0.6))
     assert all(b[r] in nucleus[r] for r in range(64))
 
 
@@ -109,3 +110,14 @@ def test_sampling_on_mesh_matches_single_device(params):
     b = sampling.sample(CFG, sharded, prompts, mesh=mesh, **kw)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_top_k_frequencies_match_renormalised_softmax():
+  logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+  draws = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, 1.0, top_k=3)[0]))(
+      jax.random.split(jax.random.key(7), 20000))
+  counts = np.bincount(np.asarray(draws), minlength=6)
+  assert counts[[2, 3, 4]].sum() == 0
+  kept = np.array([0, 1, 5])
+  p = np.exp(np.asarray(logits[0])[kept]); p /= p.sum()
+  assert stats.chisquare(counts[kept], p * 20000).pvalue > 0.001
