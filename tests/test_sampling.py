@@ -119,5 +119,5 @@ def test_top_k_frequencies_match_renormalised_softmax():
   counts = np.bincount(np.asarray(draws), minlength=6)
   assert counts[[2, 3, 4]].sum() == 0
   kept = np.array([0, 1, 5])
-  p = np.exp(np.asarray(logits[0])[kept]); p /= p.sum()
+  p = np.exp(np.asarray(logits[0], np.float64)[kept]); p /= p.sum()
   assert stats.chisquare(counts[kept], p * 20000).pvalue > 0.001
