@@ -1,0 +1,225 @@
+"""Runs untrusted (model-written) Python in an isolated child process.
+
+Isolation, strongest first:
+  * bubblewrap (`bwrap`): new PID, network, mount, IPC, UTS, user and cgroup
+    namespaces; read-only system and Python directories, nothing else of the
+    host file system; a private /tmp; an empty working directory (deleted
+    afterwards); a cleared environment; all capabilities dropped;
+    --die-with-parent; the whole process tree dies with the namespace.
+  * always (inside bwrap too): rlimits for address space (memory), CPU time,
+    file size, number of processes (0: no fork), open files, no core dumps;
+    wall-clock timeout after which the process group is SIGKILLed; stdout and
+    stderr go to a size-capped file; per-test-case timers in the harness.
+Without a usable bwrap (not installed, or user namespaces disabled) the
+rlimits + scrubbed environment + temporary directory remain and sockets are
+disabled inside the harness; a warning says so.  Code never runs in the
+caller's process: the only thing that comes back is JSON on a pipe, and the
+caller compares outputs itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import resource
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  timeout_s: float = 10.0  # wall clock for the whole program (all test cases)
+  case_timeout_s: float = 4.0  # per test case
+  memory_mb: int = 1024
+  output_kb: int = 1024  # stdout/stderr cap
+  file_kb: int = 1024  # largest file the program may write
+  max_tasks: int = 4  # processes + threads of the run (enforced when run under a fresh uid)
+
+
+@dataclasses.dataclass
+class RunResult:
+  cases: dict  # case index -> {"status", "out"}
+  finished: bool  # the harness reported "done"
+  timed_out: bool  # killed at the wall-clock limit
+  returncode: int
+  output_overflow: bool
+  stderr_tail: str
+  elapsed_s: float
+
+
+def _python() -> str:
+  return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_available() -> bool:
+  exe = shutil.which("bwrap")
+  if not exe:
+    return False
+  try:
+    r = subprocess.run([exe, *_bwrap_base_args("/tmp"), "--", _python(), "-c", "print(1)"],
+                       capture_output=True, timeout=20)
+    return r.returncode == 0 and r.stdout.strip() == b"1"
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+
+
+def _bwrap_base_args(workdir: str) -> list[str]:
+  prefix = os.path.realpath(sys.base_prefix)
+  if os.geteuid() == 0:
+    # As root: no user namespace, so the harness can drop to a fresh uid
+    # (RLIMIT_NPROC is not enforced for root); every capability but the two
+    # needed for that drop is removed.
+    args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
+            "--cap-add", "CAP_SETGID"]
+  else:
+    args = ["--unshare-all", "--cap-drop", "ALL"]
+  args += ["--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+  for d in ("/bin", "/lib", "/lib64", "/lib32", "/sbin"):
+    if os.path.islink(d):
+      args += ["--symlink", os.readlink(d), d]
+    elif os.path.isdir(d):
+      args += ["--ro-bind", d, d]
+  if not prefix.startswith("/usr/"):
+    parts = prefix.strip("/").split("/")
+    for i in range(1, len(parts)):  # traversable parents, even where the host's are 0700
+      args += ["--perms", "0755", "--dir", "/" + "/".join(parts[:i])]
+    args += ["--ro-bind", prefix, prefix]
+  args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+           "--bind", workdir, "/sandbox", "--chdir", "/sandbox", "--clearenv",
+           "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
+           "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
+           "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+  return args
+
+
+_warned = False
+
+
+def _warn_fallback():
+  global _warned
+  if not _warned:
+    _warned = True
+    msg = ("bubblewrap (bwrap) is not usable here: untrusted code runs with rlimits, a "
+           "scrubbed environment and a temporary directory only (no namespaces; sockets are "
+           "disabled in-process). Install the 'bubblewrap' package for full isolation.")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    logging.warning(msg)
+
+
+def run(spec: dict, limits: Limits = Limits()) -> RunResult:
+  """Runs the harness on `spec` (see _harness.py) in a fresh sandbox."""
+  isolated = bwrap_available()
+  if not isolated:
+    _warn_fallback()
+  t0 = time.monotonic()
+  host_dir = tempfile.mkdtemp(prefix="restem_sandbox_")
+  try:
+    work = os.path.join(host_dir, "work")
+    os.mkdir(work)
+    os.chmod(work, 0o777)
+    # A fresh uid per run (as root inside bwrap): RLIMIT_NPROC then caps this run's tasks.
+    run_as = 100_000 + secrets.randbelow(1 << 20) if isolated and os.geteuid() == 0 else None
+    spec = dict(spec, case_timeout_s=limits.case_timeout_s, memory_bytes=limits.memory_mb << 20,
+                output_bytes=limits.output_kb << 10, block_network=not isolated,
+                run_as_uid=run_as, max_tasks=limits.max_tasks)
+    with open(os.path.join(work, ".spec.json"), "w") as f:
+      json.dump(spec, f)
+    shutil.copy(HARNESS, os.path.join(work, ".harness.py"))
+    log_path = os.path.join(host_dir, "output.log")  # outside the sandbox's view
+    read_fd, write_fd = os.pipe()
+    if isolated:
+      cmd = [shutil.which("bwrap"), *_bwrap_base_args(work), "--", _python(), "-I", "-B",
+             "/sandbox/.harness.py", "/sandbox/.spec.json", str(write_fd)]
+      cwd, env = host_dir, {}
+    else:
+      cmd = [_python(), "-I", "-B", os.path.join(work, ".harness.py"),
+             os.path.join(work, ".spec.json"), str(write_fd)]
+      cwd, env = work, {"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8",
+                        "PYTHONHASHSEED": "0"}
+
+    cpu_s = int(limits.timeout_s) + 1
+    fsize = max(limits.output_kb, limits.file_kb) << 10
+
+    def preexec():
+      resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+      resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+      resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    with open(log_path, "wb") as log:
+      proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                              pass_fds=(write_fd,), cwd=cwd, env=env, preexec_fn=preexec,
+                              start_new_session=True)
+    os.close(write_fd)
+    lines, buf, timed_out = [], b"", False
+    deadline = t0 + limits.timeout_s
+    os.set_blocking(read_fd, False)
+    cap = 4 * (limits.output_kb << 10) + (1 << 20)
+    while True:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        timed_out = True
+        break
+      ready, _, _ = select.select([read_fd], [], [], min(remaining, 0.5))
+      if ready:
+        chunk = os.read(read_fd, 1 << 16)
+        if not chunk:
+          break  # every writer closed: the process tree ended
+        buf += chunk
+        if len(buf) > cap:
+          break
+      elif proc.poll() is not None:
+        break  # exited; a leftover holder of the pipe is killed below
+    if not timed_out:  # let it report its own exit status before the group is killed
+      try:
+        proc.wait(timeout=2)
+      except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc)
+    os.close(read_fd)
+    cases, finished = {}, False
+    for line in buf.split(b"\n"):
+      try:
+        obj = json.loads(line)
+      except (ValueError, UnicodeDecodeError):
+        continue
+      if not isinstance(obj, dict):
+        continue
+      if obj.get("done") is True:
+        finished = True
+      elif isinstance(obj.get("i"), int) and obj["i"] not in cases:
+        cases[obj["i"]] = {"status": str(obj.get("status")), "out": obj.get("out")}
+    size = os.path.getsize(log_path)
+    with open(log_path, "rb") as f:
+      f.seek(max(0, size - 2000))
+      tail = f.read().decode("utf-8", "replace")
+    return RunResult(cases, finished, timed_out, proc.returncode,
+                     size >= (limits.output_kb << 10) or proc.returncode == -signal.SIGXFSZ,
+                     tail, time.monotonic() - t0)
+  finally:
+    shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+  """SIGKILL the whole session/process group and reap the child."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+  try:
+    proc.wait(timeout=5)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()

@@ -1,0 +1,187 @@
+"""Code sandbox: red-team programs, verdicts, HumanEval and APPS on the real data."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from restem_jax import verifiers
+from restem_jax.verifiers import code, sandbox
+
+STDIN_TEST = {"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "7\n"]}
+ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
+
+
+def test_bubblewrap_is_used():
+  assert sandbox.bwrap_available(), "bwrap missing or unusable: `make sandbox` installs it"
+
+
+def test_stdin_and_call_based_verdicts():
+  assert code.run_tests(ADD, STDIN_TEST).status == "passed"
+  assert code.run_tests(ADD, json.dumps(STDIN_TEST)).passed  # APPS files store JSON strings
+  v = code.run_tests("print(3)", STDIN_TEST)
+  assert (v.status, v.passed_cases, v.total_cases) == ("wrong_answer", 1, 2)
+  assert code.run_tests("print(3 +)", STDIN_TEST).status == "compile_error"
+  call = {"fn_name": "double", "inputs": [[1], [2.5]], "outputs": [[2], [5.0]]}
+  assert code.run_tests("def double(x):\n  return 2 * x", call).passed
+  leet = {"fn_name": "twoSum", "inputs": [[[2, 7, 11], 9]], "outputs": [[0, 1]]}
+  sol = "class Solution:\n  def twoSum(self, nums: List[int], t: int) -> List[int]:\n    return [0, 1]"
+  assert code.run_tests(sol, leet).passed
+  assert code.run_tests("print('3.0000001')\n", {"inputs": [""], "outputs": ["3"]}).passed
+  assert code.run_tests("print(' 3 \\n\\n4 ')\n", {"inputs": [""], "outputs": ["3\n4"]}).passed
+
+
+def test_bad_tests_are_named():
+  with pytest.raises(ValueError, match="input_output: invalid JSON at line 1"):
+    code.run_tests(ADD, "{inputs: [")
+  with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
+    code.run_tests(ADD, {"inputs": ["1", "2"], "outputs": ["1"]})
+
+
+def _canary(tmp_path):
+  p = tmp_path / "canary.txt"
+  p.write_text("keep me")
+  return p
+
+
+RED_TEAM = {
+    "infinite_loop": ("while True:\n  pass\n", "timeout"),
+    "ignores_sigterm": ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                        "signal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n  pass\n", "timeout"),
+    "fork_bomb": ("import os\nwhile True:\n  os.fork()\n", "runtime_error"),
+    "huge_allocation": ("x = bytearray(8 * 1024 ** 3)\nprint(3)\n", "memory_limit"),
+    "write_outside": ("open('{canary}', 'w').write('owned')\nprint(3)\n", "runtime_error"),
+    "delete_files": ("import os\nos.remove('{canary}')\nprint(3)\n", "runtime_error"),
+    "socket": ("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+               "s.sendall(b'hi')\nprint(3)\n", "runtime_error"),
+    "read_environment": ("import os\nprint(os.environ.get('RESTEM_SECRET', 'none'))\n", "wrong_answer"),
+    "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+                    "os.kill({parent}, signal.SIGKILL)\nprint(3)\n", "runtime_error"),
+    "exit_early": ("import os\nos._exit(0)\n", "runtime_error"),
+    "stdout_flood": ("import sys\nwhile True:\n  sys.stdout.write('x' * 65536)\n", "output_limit"),
+    "raw_fd_flood": ("import os\nwhile True:\n  os.write(1, b'x' * 65536)\n", "output_limit"),
+    "daemon_thread": ("import threading, time\n"
+                      "def spin():\n  while True: time.sleep(0.01)\n"
+                      "threading.Thread(target=spin, daemon=True).start()\nprint(4)\n", "wrong_answer"),
+    "segfault": ("import ctypes\nctypes.string_at(0)\n", "runtime_error"),
+    "deep_recursion": ("import sys\nsys.setrecursionlimit(10**9)\ndef f(n):\n  return f(n + 1)\nf(0)\n",
+                       "runtime_error"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RED_TEAM))
+def test_red_team(name, tmp_path, monkeypatch):
+  import socket as socket_mod
+  monkeypatch.setenv("RESTEM_SECRET", "3")  # a leaked environment would print the right answer
+  canary = _canary(tmp_path)
+  server = socket_mod.socket()
+  server.bind(("127.0.0.1", 0))
+  server.listen(1)
+  server.settimeout(0.2)
+  program, want = RED_TEAM[name]
+  program = program.format(canary=canary, port=server.getsockname()[1], parent=os.getpid())
+  tests = {"inputs": [""], "outputs": ["3"]}
+  t = time.time()
+  v = code.run_tests(program, tests, timeout_s=6, case_timeout_s=2)
+  assert not v.passed and v.status == want, v
+  assert time.time() - t < 20
+  assert canary.read_text() == "keep me"
+  with pytest.raises(socket_mod.timeout):
+    server.accept()  # nothing connected from the sandbox
+  server.close()
+  # no sandboxed process outlives its verdict
+  leftover = subprocess.run(["pgrep", "-f", ".harness.py"], capture_output=True, text=True).stdout.split()
+  assert leftover == [], leftover
+  assert code.run_tests(ADD, STDIN_TEST).passed  # the caller carries on
+
+
+def test_equal_always_true_object_cannot_pass():
+  prog = ("class Liar:\n  def __eq__(self, other):\n    return True\n"
+          "def solve(x):\n  return Liar()\n")
+  v = code.run_tests(prog, {"fn_name": "solve", "inputs": [[1]], "outputs": [[42]]})
+  assert v.status == "wrong_answer"
+
+
+def test_exit_before_tests_is_failure():
+  v = code.run_humaneval("import sys\ndef f(x):\n  return 0\nsys.exit(0)\n",
+                         "def check(c):\n  assert c(1) == 2\n", "f")
+  assert not v.passed
+  v = code.run_tests("import sys\nsys.exit(0)\ndef f(x):\n  return x\n",
+                     {"fn_name": "f", "inputs": [[1]], "outputs": [1]})
+  assert not v.passed
+
+
+def test_batch_runner_counts_and_survives_hostile_workers():
+  problem = {"input_output": STDIN_TEST}
+  records = [(problem, ADD), (problem, "while True: pass"), (problem, "print(3)"),
+             (problem, "import os\nos.kill(os.getppid(), 9)"), (problem, ADD)]
+  rewards, results, counts = verifiers.verify_batch(
+      verifiers.AppsVerifier(timeout_s=4, case_timeout_s=1), records, workers=2)
+  assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+  assert counts["passed"] == 2 and counts["timeout"] == 1 and counts["wrong_answer"] == 1
+
+
+def _jsonl(path):
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_humaneval_canonical_pass_and_stubs_fail(shared_data):
+  rows = _jsonl(os.path.join(shared_data, "humaneval/HumanEval.jsonl.gz"))
+  assert len(rows) == 164
+  v = verifiers.HumanEvalVerifier()
+  good, _, counts = verifiers.verify_batch(v, [(r, r["canonical_solution"]) for r in rows])
+  assert good.sum() == 164, counts
+  bad, _, _ = verifiers.verify_batch(v, [(r, "    pass\n") for r in rows])
+  assert bad.sum() == 0
+
+
+def _plain_passes(program, io_):
+  """Reference run without any sandbox: one plain python process per test case."""
+  fn = io_.get("fn_name")
+  with tempfile.TemporaryDirectory() as d:
+    for inp, out in zip(io_["inputs"], io_["outputs"]):
+      if fn:
+        src = (code.PRELUDE + program + "\nimport json, sys\n"
+               f"_f = globals().get({fn!r}) or getattr(Solution(), {fn!r})\n"
+               "print(json.dumps(_f(*json.loads(sys.stdin.read()))))\n")
+        stdin = json.dumps(inp)
+      else:
+        src, stdin = code.PRELUDE + program, inp if isinstance(inp, str) else "\n".join(inp)
+      try:
+        r = subprocess.run([sys.executable, "-c", src], input=stdin, capture_output=True,
+                           text=True, timeout=60, cwd=d)
+      except subprocess.TimeoutExpired:
+        return False
+      if fn:
+        try:
+          ok = r.returncode == 0 and code.return_matches(json.loads(r.stdout.strip().splitlines()[-1]), out)
+        except (ValueError, IndexError):
+          ok = False
+      else:
+        ok = code.stdout_matches(r.stdout, out)
+      if not ok:
+        return False
+  return True
+
+
+def test_apps_sandbox_loses_no_correct_program(shared_data):
+  problems = _jsonl(os.path.join(shared_data, "apps/apps_subset.jsonl"))
+  records = [(p, s) for p in problems for s in p["solutions"]]
+  rewards, results, counts = verifiers.verify_batch(
+      verifiers.AppsVerifier(case_timeout_s=30), records)
+  failed = [(p, s, r) for (p, s), r in zip(records, results) if r.reward == 0]
+  lost = [(p["apps_split"], p["problem_id"], r.status, r.detail) for p, s, r in failed
+          if _plain_passes(s, p["input_output"])]
+  assert not lost, lost
+  print(f"APPS: {int(rewards.sum())}/{len(records)} reference solutions pass in the sandbox; "
+        f"failing ones also fail plainly: {counts}")
+  # a problem's solution against the next problem's tests
+  swapped = [(problems[(i + 1) % len(problems)], p["solutions"][0]) for i, p in enumerate(problems)]
+  wrong, _, _ = verifiers.verify_batch(verifiers.AppsVerifier(case_timeout_s=2), swapped)
+  assert wrong.sum() == 0
