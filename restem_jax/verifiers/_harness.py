@@ -83,6 +83,9 @@ def main():
   with open(spec_path) as f:
     spec = json.load(f)
   os.remove(spec_path)
+  sys.path.extend(spec.get("extra_paths") or [])
+  import builtins  # python -S does not define exit()/quit(); programs use them
+  builtins.exit = builtins.quit = sys.exit
   results = os.fdopen(fd, "w", buffering=1)
   emit = lambda obj: results.write(json.dumps(obj) + "\n")  # noqa: E731
   if spec.get("run_as_uid") is not None:  # root inside bwrap: become a fresh, powerless uid
@@ -114,10 +117,12 @@ def main():
     emit({"done": True})
     return
   mode, timeout = spec["mode"], spec["case_timeout_s"]
+  error = [""]
 
   def run(fn):
     """(status, stdout text, return value) of fn() under the per-case limits."""
     out = _CappedWriter(spec["output_bytes"])
+    error[0] = ""
     sys.stdout = out
     value, status = None, "ok"
     signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -127,6 +132,7 @@ def main():
       pass  # a program may end itself after printing its answer
     except BaseException as e:  # noqa: BLE001
       status = _status(e)
+      error[0] = f"{type(e).__name__}: {e}"[:300]
     finally:
       signal.setitimer(signal.ITIMER_REAL, 0)
       sys.stdout, sys.stdin = real_stdout, real_stdin
@@ -143,7 +149,7 @@ def main():
     env = {"__name__": "__solution__", "__builtins__": __builtins__}
     status, _, _ = run(lambda: exec(code, env))
     if status != "ok":
-      emit({"i": -1, "status": status, "out": "while defining the solution"})
+      emit({"i": -1, "status": status, "out": "while defining the solution: " + error[0]})
     else:
       name = spec["fn_name"]
       fn = env.get(name)

@@ -45,8 +45,7 @@ class Limits:
   output_kb: int = 1024  # stdout/stderr cap
   file_kb: int = 1024  # largest file the program may write
   max_tasks: int = 4  # processes + threads of the run (enforced when run under a fresh uid)
-  site_packages: bool = False  # let programs import third-party packages (numpy, ...);
-  # off by default: `site` costs ~60 ms per start and the stdlib is what APPS/HumanEval need
+  site_packages: bool = True  # programs may import the base Python's packages (numpy, ...)
 
 
 @dataclasses.dataclass
@@ -77,6 +76,25 @@ def bwrap_available() -> bool:
     return False
 
 
+# numerical libraries must not start a thread per core (the run may have 4 tasks)
+_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@functools.lru_cache(maxsize=1)
+def _site_packages() -> list[str]:
+  """This environment's site-packages (a virtualenv's too), bound read-only."""
+  import site
+  return [os.path.realpath(p) for p in site.getsitepackages() if os.path.isdir(p)]
+
+
+def _ro_bind_with_parents(path: str) -> list[str]:
+  parts = path.strip("/").split("/")
+  args = []
+  for i in range(1, len(parts)):  # traversable parents, even where the host's are 0700
+    args += ["--perms", "0755", "--dir", "/" + "/".join(parts[:i])]
+  return args + ["--ro-bind", path, path]
+
+
 def _bwrap_base_args(workdir: str) -> list[str]:
   prefix = os.path.realpath(sys.base_prefix)
   if os.geteuid() == 0:
@@ -95,15 +113,17 @@ def _bwrap_base_args(workdir: str) -> list[str]:
     elif os.path.isdir(d):
       args += ["--ro-bind", d, d]
   if not prefix.startswith("/usr/"):
-    parts = prefix.strip("/").split("/")
-    for i in range(1, len(parts)):  # traversable parents, even where the host's are 0700
-      args += ["--perms", "0755", "--dir", "/" + "/".join(parts[:i])]
-    args += ["--ro-bind", prefix, prefix]
+    args += _ro_bind_with_parents(prefix)
+  for path in _site_packages():
+    if not path.startswith(prefix + "/") and not path.startswith("/usr/"):
+      args += _ro_bind_with_parents(path)
   args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
            "--bind", workdir, "/sandbox", "--chdir", "/sandbox", "--clearenv",
            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
            "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
            "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+  for k, v in _THREAD_ENV.items():
+    args += ["--setenv", k, v]
   return args
 
 
@@ -136,13 +156,16 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
     run_as = 100_000 + secrets.randbelow(1 << 20) if isolated and os.geteuid() == 0 else None
     spec = dict(spec, case_timeout_s=limits.case_timeout_s, memory_bytes=limits.memory_mb << 20,
                 output_bytes=limits.output_kb << 10, block_network=not isolated,
-                run_as_uid=run_as, max_tasks=limits.max_tasks)
+                run_as_uid=run_as, max_tasks=limits.max_tasks,
+                extra_paths=_site_packages() if limits.site_packages else [])
     with open(os.path.join(work, ".spec.json"), "w") as f:
       json.dump(spec, f)
     shutil.copy(HARNESS, os.path.join(work, ".harness.py"))
     log_path = os.path.join(host_dir, "output.log")  # outside the sandbox's view
     read_fd, write_fd = os.pipe()
-    flags = ["-I", "-B"] + ([] if limits.site_packages else ["-S"])
+    # -S: `site` (and its .pth files) costs ~60 ms per start; this environment's
+    # site-packages are put on sys.path by the harness instead.
+    flags = ["-I", "-B", "-S"]
     if isolated:
       cmd = [shutil.which("bwrap"), *_bwrap_base_args(work), "--", _python(), *flags,
              "/sandbox/.harness.py", "/sandbox/.spec.json", str(write_fd)]
@@ -151,7 +174,7 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
       cmd = [_python(), *flags, os.path.join(work, ".harness.py"),
              os.path.join(work, ".spec.json"), str(write_fd)]
       cwd, env = work, {"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8",
-                        "PYTHONHASHSEED": "0"}
+                        "PYTHONHASHSEED": "0", **_THREAD_ENV}
 
     cpu_s = int(limits.timeout_s) + 1
     fsize = max(limits.output_kb, limits.file_kb) << 10
