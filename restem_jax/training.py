@@ -145,7 +145,8 @@ def create_state(cfg, tc, mesh, rng=None, params=None, rules=partitioning.DEFAUL
     rng = jax.random.key(tc.seed) if rng is None else rng
     make = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)
     return make(rng), shardings
-  params = jax.device_put(params, shardings.params)
+  # a fresh copy: the train step donates its state, and the caller may reuse `params`
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(params)
   opt_state = jax.jit(make_optimizer(tc).init, out_shardings=shardings.opt_state)(params)
   return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state), shardings
 

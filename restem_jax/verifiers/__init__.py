@@ -100,7 +100,7 @@ def verify_batch(verifier: Verifier, records: Sequence[tuple[dict, str]], *,
   bar = None
   if progress is True:
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(records), desc=desc, unit="sample", leave=False)
+    bar = tqdm(total=len(records), desc=desc, unit="sample", leave=False, disable=None)
   results: list[Result] = []
   def done(r):
     results.append(r)

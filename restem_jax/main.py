@@ -1,0 +1,121 @@
+"""Entry point: python -m restem_jax.main --gin_file=gin/restem_arith.gin [--gin.NAME=VALUE ...]
+
+Flags: --gin_file (repeatable), --gin_bindings (repeatable), --gin.NAME=VALUE
+(e.g. --gin.RUN_DIR="'/tmp/run1'").  The gin file chooses what runs
+(`execute.fn`): ReST^EM (`restem_main`) or evaluation only (`eval_main`).
+The operative config is saved in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def parse_flags(argv):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  ap.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
+  ap.add_argument("--gin_search_path", action="append", default=[], help="folder to find gin files in")
+  args, rest = ap.parse_known_args(argv)
+  bindings = list(args.gin_bindings)
+  for a in rest:
+    if a.startswith("--gin.") and "=" in a:
+      bindings.append(a[len("--gin."):])
+    else:
+      ap.error(f"unrecognised argument {a!r} (use --gin.NAME=VALUE for gin bindings)")
+  if not args.gin_file:
+    ap.error("give at least one --gin_file (e.g. gin/restem_arith.gin)")
+  return args.gin_file, bindings, args.gin_search_path
+
+
+def _setup(data_dir, arith, model, hf_model_dir):
+  """Data location, the arith knobs, and (for a Hugging Face base) its config + tokenizer."""
+  import tasks
+  if data_dir:
+    tasks.set_data_dir(data_dir)
+  if arith is not None:
+    tasks.arith.configure(arith)
+  if not hf_model_dir:
+    return model, None
+  from restem_jax import hf, vocab
+  model = hf.load_config(hf_model_dir, dtype=model.dtype, remat=model.remat, param_dtype=model.param_dtype)
+  return model, vocab.HFTokenizerVocabulary(hf_model_dir)
+
+
+def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="", arith=None):
+  from restem_jax import restem
+  model, vocab = _setup(data_dir, arith, model, config.hf_model_dir)
+  return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab)
+
+
+def eval_main(checkpoint, model, task="arith", split="test", num_samples=1, temperature=1.0, top_k=0,
+              ks=(1,), max_new_tokens=64, batch_size=64, limit=0, out="", data_dir="", arith=None,
+              hf_model_dir=""):
+  """Evaluates `checkpoint` (orbax folder, or hf_model_dir itself when empty)."""
+  from restem_jax import evaluation
+  model, vocab = _setup(data_dir, arith, model, hf_model_dir)
+  df = evaluation.evaluate(checkpoint or hf_model_dir, task, model=model, split=split, vocab=vocab,
+                           num_samples=num_samples,
+                           temperature=temperature, top_k=top_k, ks=tuple(ks),
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit or None)
+  summary = df.attrs["summary"]
+  print(json.dumps(summary, indent=1))
+  if out:
+    os.makedirs(out, exist_ok=True)
+    df.to_json(os.path.join(out, f"{task}_{split}.jsonl"), orient="records", lines=True)
+    with open(os.path.join(out, f"{task}_{split}_summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+def execute(fn):
+  return fn()
+
+
+def register_configurables():
+  import gin
+  from restem_jax import model, restem, training
+  from tasks import arith
+  gin.external_configurable(model.ModelConfig, "ModelConfig")
+  gin.external_configurable(training.TrainConfig, "TrainConfig")
+  gin.external_configurable(restem.RestemConfig, "RestemConfig")
+  gin.external_configurable(arith.ArithConfig, "ArithConfig")
+  gin.external_configurable(restem_main, "restem_main")
+  gin.external_configurable(eval_main, "eval_main")
+  return gin.external_configurable(execute, "execute")
+
+
+def main(argv=None):
+  files, bindings, search = parse_flags(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty
+  from restem_jax import partitioning
+  partitioning.maybe_initialize_distributed()
+  import gin
+  run = register_configurables()
+  for p in search + [os.getcwd(), os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]:
+    gin.add_config_file_search_path(p)
+  gin.parse_config_files_and_bindings(files, bindings)
+  try:
+    run_dir = gin.query_parameter("%RUN_DIR")
+  except (ValueError, KeyError):
+    run_dir = None
+  if run_dir:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
+  result = run()
+  if run_dir:
+    with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
+  return result
+
+
+if __name__ == "__main__":
+  main()
