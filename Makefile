@@ -17,7 +17,9 @@ venv: $(STAMP)
 
 # bubblewrap isolates model-written code; installed when missing and possible.
 sandbox:
-	@command -v bwrap >/dev/null 2>&1 || { (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q bubblewrap >/dev/null 2>&1) || echo "warning: bubblewrap (bwrap) not installed; the code sandbox falls back to rlimits + seccomp-free isolation"; }
+	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } || \
+	  echo "warning: bubblewrap (bwrap) is not installed: the code sandbox falls back to rlimits, a scrubbed environment and a temporary directory"
 
 demo: $(STAMP) sandbox
 	$(BIN)/python -m restem_jax.main --gin_file=gin/restem_arith.gin --gin.RUN_DIR="'$(RUN_DIR)'"
