@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import random
-import re
 import sys
 import time
 

@@ -8,6 +8,7 @@ The operative config is saved in the run directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -77,7 +78,9 @@ def execute(fn):
   return fn()
 
 
+@functools.lru_cache(maxsize=1)
 def register_configurables():
+  """Registers the configurable dataclasses and entry points (once per process)."""
   import gin
   from restem_jax import model, restem, training
   from tasks import arith

@@ -8,7 +8,6 @@ replicated instead of failing, so small models run on any mesh.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Sequence
 
@@ -117,8 +116,3 @@ def host_local_batch_to_global(batch: dict, mesh: Mesh, rules=DEFAULT_RULES) -> 
     sharding = sharding_for(mesh, names, global_shape, rules)
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree.map(put, batch)
-
-
-def log_shardings(tree, name: str = "params") -> None:
-  for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    logging.debug("%s%s %s %s", name, jax.tree_util.keystr(path), x.shape, x.sharding.spec)

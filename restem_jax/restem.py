@@ -23,12 +23,11 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import numpy as np
 
-from restem_jax import evaluation, partitioning, report, training
+from restem_jax import evaluation, partitioning, report, training, verifiers
 from restem_jax import model as model_lib
 
 
@@ -63,6 +62,7 @@ class RestemConfig:
   patience: int = 1  # stop when validation has not improved for this many iterations
   seed: int = 0
   hf_model_dir: str = ""  # base model (Hugging Face folder); empty: random init + SFT
+  prompt_template: str = ""  # overrides the task's prompt ({problem}; may hold few-shot examples)
   workers: int = 0  # verifier workers (0: one per core)
 
 
@@ -87,6 +87,8 @@ class Run:
     import tasks as tasks_lib
     self.dir, self.cfg, self.model, self.sft, self.mstep = run_dir, config, model, sft, mstep
     self.mesh, self.vocab = mesh, vocab
+    if config.prompt_template:
+      tasks_lib.common.set_prompt(config.task, config.prompt_template)
     self.task = tasks_lib.get(config.task)
     self.transfer = [(tasks_lib.get(t), s) for t, s in config.transfer]
     self.workers = config.workers or None
@@ -271,7 +273,6 @@ class Run:
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens, batch_size=bs, seed=jax.random.fold_in(rng, b),
             stop=task.stop, mesh=self.mesh)
-        from restem_jax import verifiers
         flat = [(r, c) for r, cs in zip(batch, comps) for c in cs]
         rewards, results, _ = verifiers.verify_batch(task.verifier, flat, workers=self.workers)
         recs, i = [], 0
@@ -313,6 +314,12 @@ class Run:
       for k in kept:
         f.write(json.dumps(k) + "\n")
     os.replace(path + ".tmp", path)
+    try:  # this iteration's dataset as a seqio task, e.g. "arith_restem_iter1"
+      import tasks as tasks_lib
+      tasks_lib.common.register_jsonl(f"{self.task.name}_restem_iter{it}", path)
+      stats["seqio_task"] = f"{self.task.name}_restem_iter{it}"
+    except ImportError:
+      pass
     return kept, stats
 
 

@@ -186,29 +186,16 @@ def batch_for_step(data: dict, step: int, batch_size: int, seed: int) -> dict:
   return {k: v[idx] for k, v in data.items()}
 
 
-def eval_loss(eval_fn, params, data: dict, batch_size: int) -> dict:
-  """Token-mean NLL and accuracy over a whole dataset (last batch padded, reward 0)."""
-  n = len(data["reward"])
-  sums = np.zeros(3)
-  for s in range(0, n, batch_size):
-    b = {k: v[s:s + batch_size] for k, v in data.items()}
-    pad = batch_size - len(b["reward"])
-    if pad:
-      b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-    sums += np.asarray(eval_fn(params, b))
-  return dict(loss=sums[0] / max(sums[1], 1e-8), accuracy=sums[2] / max(sums[1], 1e-8))
-
-
 def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, init_params=None,
           validate: Callable[[Any], float] | None = None, rules=partitioning.DEFAULT_RULES,
           log: Callable[[dict], None] | None = None, progress: Callable | None = None):
   """Trains for `tc.total_steps`, resuming from `workdir/checkpoints` if present.
 
-  `validate(params) -> float` (higher is better; default: minus validation-free
-  training loss is not used, so pass one) runs every `eval_every` steps and at
-  the end; the best parameters are kept in `workdir/best`.  Returns
-  (best_params, best_score, final_state).  Without `validate` the final
-  parameters are returned as best.
+  `validate(params) -> float` (higher is better) runs every `eval_every` steps
+  and at the end; the best parameters are kept in `workdir/best`.  Returns
+  (best_params, best_score, final_state); without `validate`, the final
+  parameters and None.  With several processes every host computes the same
+  global batch and feeds its own slice of it.
   """
   if tc.batch_size % tc.grad_accum:
     raise ValueError(f"TrainConfig: batch_size {tc.batch_size} is not divisible by "
@@ -242,6 +229,11 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, init_params=N
   t0 = time.time()
   for step in range(start, tc.total_steps):
     batch = batch_for_step(data, step, tc.batch_size, tc.seed)
+    if jax.process_count() > 1:
+      per_host = tc.batch_size // jax.process_count()
+      lo = jax.process_index() * per_host
+      batch = partitioning.host_local_batch_to_global(
+          {k: v[lo:lo + per_host] for k, v in batch.items()}, mesh, rules)
     state, metrics = step_fn(state, batch)
     done = step + 1
     if log and (done % tc.log_every == 0 or done == tc.total_steps):

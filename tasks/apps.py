@@ -25,7 +25,7 @@ def configure(difficulties=DIFFICULTIES, files=FILES) -> None:
   DIFFICULTIES, FILES = tuple(difficulties), tuple(files)
 
 
-def _record(r: dict, path: str, lineno: int) -> dict:
+def _record(r: dict, path: str, lineno: int, templates: tuple) -> dict:
   io_ = r["input_output"]
   if isinstance(io_, str):  # original APPS files store JSON strings
     try:
@@ -38,25 +38,26 @@ def _record(r: dict, path: str, lineno: int) -> dict:
   if isinstance(sols, str):
     sols = json.loads(sols) if sols.strip() else []
   starter = r.get("starter_code") or ""
-  prompt = (CALL_PROMPT.format(question=r["question"], starter=starter) if io_.get("fn_name")
-            else STDIN_PROMPT.format(question=r["question"]))
+  prompt = (templates[1].format(question=r["question"], starter=starter) if io_.get("fn_name")
+            else templates[0].format(question=r["question"]))
   return dict(id=f"apps/{r.get('apps_split', '?')}/{r.get('problem_id', lineno)}", prompt=prompt,
               problem=r["question"], solution=(sols[0] + "\n```") if sols else "", answer="",
               input_output=io_, difficulty=r.get("difficulty"), apps_split=r.get("apps_split"))
 
 
 @functools.lru_cache(maxsize=None)
-def _read(files: tuple, data_dir: str):
+def _read(files: tuple, data_dir: str, templates: tuple):
   out = []
   for name in files:
     path = common.data_path(name)
     for i, r in enumerate(common.read_jsonl(path, {"question": str, "input_output": (dict, str)}), 1):
-      out.append(_record(r, path, i))
+      out.append(_record(r, path, i, templates))
   return out
 
 
 def load(split: str) -> list[dict]:
-  rows = [r for r in _read(FILES, common.data_dir()) if r["difficulty"] in DIFFICULTIES]
+  templates = (common.template("apps", STDIN_PROMPT), common.template("apps_call", CALL_PROMPT))
+  rows = [r for r in _read(FILES, common.data_dir(), templates) if r["difficulty"] in DIFFICULTIES]
   if split == "test":
     return [r for r in rows if r["apps_split"] == "test"]
   train = [r for r in rows if r["apps_split"] != "test"]

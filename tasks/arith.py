@@ -90,7 +90,8 @@ _cache: dict = {}
 
 
 def _all_splits(cfg: ArithConfig) -> dict[str, list[dict]]:
-  key = cfg
+  prompt = common.template("arith", cfg.prompt_template)
+  key = (cfg, prompt)
   if key in _cache:
     return _cache[key]
   seen: set[str] = set()
@@ -113,7 +114,7 @@ def _all_splits(cfg: ArithConfig) -> dict[str, list[dict]]:
         continue
       seen.add(expr)
       rows.append(dict(id=f"arith/{split}/{len(rows)}", problem=expr,
-                       prompt=cfg.prompt_template.format(problem=expr),
+                       prompt=prompt.format(problem=expr),
                        solution=solution_text(steps, ans) if split == "human" else "",
                        answer=str(ans), num_ops=n))
     splits[split] = rows

@@ -13,6 +13,23 @@ DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 _data_dir = None
 
 
+_prompts: dict[str, str] = {}
+
+
+def set_prompt(task: str, template: str | None) -> None:
+  """Overrides a task's prompt template ({problem} is filled in; few-shot
+  examples can be written into the template).  None restores the default."""
+  if template:
+    _prompts[task] = template
+  else:
+    _prompts.pop(task, None)
+
+
+def template(task: str, default: str) -> str:
+  """The prompt template in force for `task` (pass it into cached loaders)."""
+  return _prompts.get(task, default)
+
+
 def set_data_dir(path: str | None) -> None:
   """Where MATH / GSM8K / APPS / HumanEval folders live (else $RESTEM_DATA_DIR,
   else ../shared/data beside the project)."""
@@ -107,6 +124,25 @@ def _dataset_fn(task: Task):
         "answer": [str(r.get("answer", "")) for r in rows],
         "id": [str(r["id"]) for r in rows]})
   return fn
+
+
+def register_jsonl(name: str, path: str, vocabulary_fn=None) -> None:
+  """A seqio task over a JSONL file of {prompt, completion, reward} rows (the
+  kept samples of an E-step), split 'train'."""
+  import seqio
+
+  def fn(split, shuffle_files=False, seed=None):
+    import tensorflow as tf
+    rows = read_jsonl(path, {"prompt": str, "completion": str})
+    return tf.data.Dataset.from_tensor_slices({
+        "inputs": [r["prompt"] for r in rows], "targets": [r["completion"] for r in rows],
+        "reward": [float(r.get("reward", 1.0)) for r in rows], "id": [str(r.get("id", "")) for r in rows]})
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(fn, splits=("train",)),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features=seqio_features(vocabulary_fn), metric_fns=[])
 
 
 def get(name: str) -> Task:

@@ -14,17 +14,17 @@ NUM_VALIDATION = 500
 
 
 @functools.lru_cache(maxsize=None)
-def _read(name: str, data_dir: str):
+def _read(name: str, data_dir: str, prompt: str):
   rows = common.read_jsonl(common.data_path("math", name), FIELDS)
-  return [dict(id=r.get("unique_id", f"math/{name}/{i}"), prompt=PROMPT.format(problem=r["problem"]),
+  return [dict(id=r.get("unique_id", f"math/{name}/{i}"), prompt=prompt.format(problem=r["problem"]),
                problem=r["problem"], solution=r["solution"], answer=r["answer"],
                subject=r.get("subject"), level=r.get("level")) for i, r in enumerate(rows)]
 
 
 def load(split: str) -> list[dict]:
   if split == "test":
-    return _read("test.jsonl", common.data_dir())
-  rows = _read("train.jsonl", common.data_dir())
+    return _read("test.jsonl", common.data_dir(), common.template("math", PROMPT))
+  rows = _read("train.jsonl", common.data_dir(), common.template("math", PROMPT))
   if split == "train":
     return rows[NUM_VALIDATION:]
   if split == "validation":

@@ -92,3 +92,26 @@ def test_bad_config_is_named(tmp_path):
   (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n "vocab_size": }')
   with pytest.raises(ValueError, match="config.json: line 2"):
     hf.load_config(str(tmp_path))
+
+
+def test_hf_tokenizer_vocabulary(tmp_path):
+  import json as json_lib
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers
+  from restem_jax import vocab
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = __import__("tokenizers").decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the answer is 42", "1+2=3 and 3*4=12"] * 50, trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json_lib.dumps({"eos_token": "</s>"}))
+  v = vocab.HFTokenizerVocabulary(str(tmp_path))
+  assert v.eos_id == tok.token_to_id("</s>")
+  ids = v.encode("the answer is 42")
+  assert ids and v.decode(ids) == "the answer is 42"
+  assert v.decode(ids + [v.eos_id]) == "the answer is 42"  # special tokens dropped
+  (tmp_path / "tokenizer_config.json").write_text(json_lib.dumps({"eos_token": "<nope>"}))
+  with pytest.raises(ValueError, match="eos_token"):
+    vocab.HFTokenizerVocabulary(str(tmp_path))

@@ -109,6 +109,34 @@ def test_killed_during_e_step_and_m_step_resumes_to_same_result(uninterrupted, t
   assert batches == list(range(len(batches)))  # no batch lost or duplicated
 
 
+def test_evaluate_api_on_a_run_checkpoint(uninterrupted):
+  from restem_jax import evaluation, model
+  run_dir, summary = uninterrupted
+  cfg = model.ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
+  df = evaluation.evaluate(os.path.join(run_dir, "iter_1", "train", "best"), "arith", model=cfg,
+                           split="test", limit=24, num_samples=4, temperature=1.0, ks=(1, 4),
+                           max_new_tokens=40)
+  assert len(df) == 24 and {"id", "greedy_correct", "pass@1", "pass@4", "completion"} <= set(df.columns)
+  s = df.attrs["summary"]
+  assert s["greedy_pass@1"] == df["greedy_correct"].mean()
+  assert s["pass@4"] >= s["pass@1"]
+
+
+@pytest.mark.parametrize("name", ["restem_arith", "restem_arith_tiny", "restem_math", "restem_apps",
+                                  "sft", "eval"])
+def test_gin_files_parse(name):
+  import gin
+  from restem_jax import main
+  gin.clear_config()
+  main.register_configurables()
+  gin.add_config_file_search_path(ROOT)
+  gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", name + ".gin")], ["RUN_DIR = '/tmp/x'"]
+                                      if name != "eval" else ["OUT = '/tmp/x'"])
+  fn = gin.query_parameter("execute.fn")
+  assert fn.selector in ("restem_main", "eval_main")
+  gin.clear_config()
+
+
 def test_main_rejects_unknown_flags():
   r = subprocess.run([sys.executable, "-m", "restem_jax.main", f"--gin_file={TINY}", "--bogus=1"],
                      cwd=ROOT, env=_env(), capture_output=True, text=True)

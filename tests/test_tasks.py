@@ -91,3 +91,21 @@ def test_bad_files_name_file_line_and_field(tmp_path):
     common.set_data_dir(None)
     tasks.math._read.cache_clear()
     tasks.gsm8k._read.cache_clear()
+
+
+def test_prompt_templates_are_configurable():
+  common.set_prompt("arith", "Q: {problem}\nA: ")
+  try:
+    assert tasks.get("arith").load("test")[0]["prompt"].startswith("Q: ")
+  finally:
+    common.set_prompt("arith", None)
+  assert tasks.get("arith").load("test")[0]["prompt"].endswith("=")
+
+
+def test_kept_samples_load_as_a_seqio_task(tmp_path):
+  path = tmp_path / "kept.jsonl"
+  path.write_text(json.dumps({"id": "a", "prompt": "1+2=", "completion": "1+2=3\n#### 3", "reward": 1.0}) + "\n")
+  common.register_jsonl("test_kept", str(path))
+  ex = next(iter(seqio.get_mixture_or_task("test_kept").get_dataset(
+      split="train", sequence_length={"inputs": 8, "targets": 16}, shuffle=False).as_numpy_iterator()))
+  assert ex["targets_pretokenized"] == b"1+2=3\n#### 3" and ex["reward"] == 1.0

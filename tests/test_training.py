@@ -4,10 +4,8 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 
 from restem_jax import checkpoints, model, partitioning, sampling, training
 

@@ -189,7 +189,7 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
                               pass_fds=(write_fd,), cwd=cwd, env=env, preexec_fn=preexec,
                               start_new_session=True)
     os.close(write_fd)
-    lines, buf, timed_out = [], b"", False
+    buf, timed_out = b"", False
     deadline = t0 + limits.timeout_s
     os.set_blocking(read_fd, False)
     cap = 4 * (limits.output_kb << 10) + (1 << 20)
