@@ -129,9 +129,9 @@ class Run:
   def generate(self, params, records, *, desc, **kw):
     from tqdm.auto import tqdm
     with tqdm(total=len(records), desc=desc, unit="problem", leave=False, disable=None) as bar:
-      def progress(n, last=[0]):  # noqa: B006
-        bar.update(n - last[0])
-        last[0] = n
+      def progress(n):
+        bar.n = n
+        bar.refresh()
       return evaluation.generate(self.model, params, self.vocab, records,
                                  max_new_tokens=self.cfg.max_new_tokens,
                                  batch_size=self.cfg.sample_batch_size, mesh=self.mesh,
@@ -167,10 +167,11 @@ class Run:
     return dict(tokens=np.stack(toks), loss_mask=np.stack(masks),
                 reward=np.asarray(rewards, np.float32))
 
-  def train(self, stage_dir, tc, data, init_params):
+  def train(self, stage_dir, tc, data, init_params, epochs: float = 0.0):
+    """Fine-tunes from init_params; epochs > 0 sets the step count from the data size."""
     from tqdm.auto import tqdm
-    if self.cfg.mstep_epochs > 0 and tc is self.mstep:
-      steps = int(np.ceil(self.cfg.mstep_epochs * len(data["reward"]) / tc.batch_size))
+    if epochs > 0:
+      steps = int(np.ceil(epochs * len(data["reward"]) / tc.batch_size))
       tc = dataclasses.replace(tc, total_steps=max(steps, tc.warmup_steps + 1),
                                eval_every=max(1, min(tc.eval_every, steps // 2 or 1)))
     stage = os.path.basename(stage_dir.rstrip("/"))
@@ -355,7 +356,7 @@ def run(run_dir: str, config: RestemConfig = RestemConfig(),
       if cfg.include_human_data and cfg.human_split:
         items += [(h["prompt"], h["solution"], 1.0) for h in r.task.load(cfg.human_split)]
       init = base if cfg.m_step_init == "base" else policy
-      params, val = r.train(stage_dir, mstep, r.examples(items), init)
+      params, val = r.train(stage_dir, mstep, r.examples(items), init, epochs=cfg.mstep_epochs)
       m = r.evaluate(params, stage_dir, stats)
     rows.append(dict(name=f"ReST^EM iter {it}", iteration=it, **m))
     r.save_progress(stage=f"iteration {it} evaluated")
