@@ -7,11 +7,22 @@ a process killed mid-save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
 
+def absolute(path: str) -> str:
+  """A local path made absolute (orbax refuses relative ones); a URI such as
+  gs://bucket/run passes through untouched; "" stays ""."""
+  if not path or "://" in str(path):
+    return path
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def manager(directory: str, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+  directory = absolute(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options)

@@ -117,6 +117,7 @@ def score(task, records: Sequence[dict], completions: list[list[str]], *, ks=(1,
 def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None):
   """Parameters from an orbax folder written by training.train (`.../best` or
   `.../checkpoints`, latest step) or from a Hugging Face model folder."""
+  path = checkpoints.absolute(path)
   if os.path.exists(os.path.join(path, "config.json")):
     from restem_jax import hf
     return hf.load_params(path, cfg, mesh)

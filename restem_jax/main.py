@@ -49,7 +49,11 @@ def _setup(data_dir, arith, model, hf_model_dir):
 
 
 def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="", arith=None):
+  import dataclasses
   from restem_jax import restem
+  from restem_jax.checkpoints import absolute
+  run_dir, data_dir = absolute(run_dir), absolute(data_dir)
+  config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir))
   model, vocab = _setup(data_dir, arith, model, config.hf_model_dir)
   return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab)
 
@@ -59,6 +63,8 @@ def eval_main(checkpoint, model, task="arith", split="test", num_samples=1, temp
               hf_model_dir=""):
   """Evaluates `checkpoint` (orbax folder, or hf_model_dir itself when empty)."""
   from restem_jax import evaluation
+  from restem_jax.checkpoints import absolute
+  checkpoint, out, data_dir, hf_model_dir = map(absolute, (checkpoint, out, data_dir, hf_model_dir))
   model, vocab = _setup(data_dir, arith, model, hf_model_dir)
   df = evaluation.evaluate(checkpoint or hf_model_dir, task, model=model, split=split, vocab=vocab,
                            num_samples=num_samples,

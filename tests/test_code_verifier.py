@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,53 @@ ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 
 def test_bubblewrap_is_used():
   assert sandbox.bwrap_available(), "bwrap missing or unusable: `make sandbox` installs it"
+
+
+def test_sandbox_imports_numpy_from_a_virtualenv_under_tmp(tmp_path):
+  """A venv under /tmp (a fresh clone there): the sandbox's private /tmp must not
+  hide its site-packages, and the start-up probe must import numpy inside."""
+  import numpy
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  venv = tempfile.mkdtemp(prefix="restem_venv_", dir="/tmp")
+  try:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    py = os.path.join(venv, "bin", "python")
+    site_dir = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    assert site_dir.startswith("/tmp/")
+    src = os.path.dirname(os.path.dirname(numpy.__file__))
+    for name in os.listdir(src):  # numpy and its bundled libraries only
+      if name == "numpy" or name.startswith("numpy.libs") or name.startswith("numpy-"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy
+        copy(os.path.join(src, name), os.path.join(site_dir, name))
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from restem_jax.verifiers import code, sandbox\n"
+              "print('probed', sandbox.check_imports())\n"
+              "v = code.run_tests('import numpy\\nprint(int(numpy.arange(4).sum()))', "
+              "{'inputs': [''], 'outputs': ['6']})\n"
+              "print('verdict', v.status, v.detail)\n")
+    out = subprocess.run([py, "-c", script, root], capture_output=True, text=True, timeout=120,
+                         env={"PATH": os.environ["PATH"]})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "probed ('numpy',)" in out.stdout, out.stdout
+    assert "verdict passed" in out.stdout, out.stdout
+  finally:
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_sandbox_probe_names_a_hidden_package(tmp_path, monkeypatch):
+  """When the sandbox cannot see a package the host imports, the probe fails loudly."""
+  pkg = tmp_path / "site"
+  (pkg / "restem_probe_pkg").mkdir(parents=True)
+  (pkg / "restem_probe_pkg" / "__init__.py").write_text("X = 1\n")
+  monkeypatch.syspath_prepend(str(pkg))  # importable here, never mounted in the sandbox
+  sandbox.check_imports.cache_clear()
+  try:
+    with pytest.raises(sandbox.SandboxSetupError, match="restem_probe_pkg"):
+      sandbox.check_imports(("numpy", "restem_probe_pkg"))
+    assert sandbox.check_imports() == ("numpy",)
+  finally:
+    sandbox.check_imports.cache_clear()
 
 
 def test_stdin_and_call_based_verdicts():

@@ -38,8 +38,16 @@ def _strip_times(summary):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  run_dir = str(tmp_path_factory.mktemp("tiny") / "run")
-  return run_dir, _run(run_dir)
+  """As a user types it: a relative gin file and a relative run directory, from a
+  working directory that is not the project's (orbax needs absolute paths)."""
+  cwd = tmp_path_factory.mktemp("tiny")
+  cmd = [sys.executable, "-m", "restem_jax.main", "--gin_file=gin/restem_arith_tiny.gin",
+         "--gin.RUN_DIR='runs/tiny'"]
+  r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  run_dir = str(cwd / "runs" / "tiny")
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    return run_dir, json.load(f)
 
 
 def test_tiny_run_writes_everything(uninterrupted):
@@ -109,11 +117,12 @@ def test_killed_during_e_step_and_m_step_resumes_to_same_result(uninterrupted, t
   assert batches == list(range(len(batches)))  # no batch lost or duplicated
 
 
-def test_evaluate_api_on_a_run_checkpoint(uninterrupted):
+def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
   from restem_jax import evaluation, model
   run_dir, summary = uninterrupted
+  monkeypatch.chdir(run_dir)  # a relative checkpoint path
   cfg = model.ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
-  df = evaluation.evaluate(os.path.join(run_dir, "iter_1", "train", "best"), "arith", model=cfg,
+  df = evaluation.evaluate(os.path.join("iter_1", "train", "best"), "arith", model=cfg,
                            split="test", limit=24, num_samples=4, temperature=1.0, ks=(1, 4),
                            max_new_tokens=40)
   assert len(df) == 24 and {"id", "greedy_correct", "pass@1", "pass@4", "completion"} <= set(df.columns)
@@ -141,3 +150,11 @@ def test_main_rejects_unknown_flags():
   r = subprocess.run([sys.executable, "-m", "restem_jax.main", f"--gin_file={TINY}", "--bogus=1"],
                      cwd=ROOT, env=_env(), capture_output=True, text=True)
   assert r.returncode != 0 and "unrecognised argument '--bogus=1'" in r.stderr
+
+
+def test_paths_made_absolute_and_uris_untouched(tmp_path, monkeypatch):
+  from restem_jax.checkpoints import absolute
+  monkeypatch.chdir(tmp_path)
+  assert absolute("runs/a") == str(tmp_path / "runs" / "a")
+  assert absolute("gs://bucket/runs/a") == "gs://bucket/runs/a"
+  assert absolute("") == ""

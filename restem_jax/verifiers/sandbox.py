@@ -91,7 +91,9 @@ def _ro_bind_with_parents(path: str) -> list[str]:
   parts = path.strip("/").split("/")
   args = []
   for i in range(1, len(parts)):  # traversable parents, even where the host's are 0700
-    args += ["--perms", "0755", "--dir", "/" + "/".join(parts[:i])]
+    parent = "/" + "/".join(parts[:i])
+    if parent != "/tmp":  # the sandbox's own tmpfs, mounted before any bind
+      args += ["--perms", "0755", "--dir", parent]
   return args + ["--ro-bind", path, path]
 
 
@@ -112,19 +114,63 @@ def _bwrap_base_args(workdir: str) -> list[str]:
       args += ["--symlink", os.readlink(d), d]
     elif os.path.isdir(d):
       args += ["--ro-bind", d, d]
+  # The private /tmp comes before the Python binds: mounted after them, it would
+  # hide a Python or a virtualenv that lives under /tmp (and every import from it).
+  args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
   if not prefix.startswith("/usr/"):
     args += _ro_bind_with_parents(prefix)
   for path in _site_packages():
     if not path.startswith(prefix + "/") and not path.startswith("/usr/"):
       args += _ro_bind_with_parents(path)
-  args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
-           "--bind", workdir, "/sandbox", "--chdir", "/sandbox", "--clearenv",
+  args += ["--bind", workdir, "/sandbox", "--chdir", "/sandbox", "--clearenv",
            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
            "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
            "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
   for k, v in _THREAD_ENV.items():
     args += ["--setenv", k, v]
   return args
+
+
+class SandboxSetupError(RuntimeError):
+  """The sandbox cannot see what the host's Python can import."""
+
+
+# Probed inside the sandbox at first use: a package the host can import must
+# import there too, or every program that uses it would silently get reward 0.
+PROBE_MODULES = ("numpy",)
+
+
+@functools.lru_cache(maxsize=1)
+def check_imports(modules: tuple = PROBE_MODULES) -> tuple:
+  """Imports `modules` (those the host has) inside a bubblewrap sandbox, once per
+  process; raises SandboxSetupError naming what failed.  Returns the probed names."""
+  import importlib.util
+  present = tuple(m for m in modules if importlib.util.find_spec(m) is not None)
+  paths = _site_packages()
+  code = ("import json, os, sys\n"
+          f"paths = {paths!r}\n"
+          "sys.path.extend(paths)\n"
+          "bad = {p: 'folder not visible' for p in paths if not os.path.isdir(p)}\n"
+          f"for m in {present!r}:\n"
+          "  try:\n"
+          "    __import__(m)\n"
+          "  except Exception as e:\n"
+          "    bad[m] = f'{type(e).__name__}: {e}'\n"
+          "print(json.dumps(bad))\n")
+  with tempfile.TemporaryDirectory(prefix="restem_sandbox_probe_") as work:
+    r = subprocess.run([shutil.which("bwrap"), *_bwrap_base_args(work), "--", _python(), "-I", "-S",
+                        "-c", code], capture_output=True, timeout=60, text=True)
+  try:
+    bad = json.loads(r.stdout.strip().splitlines()[-1])
+  except (ValueError, IndexError):
+    bad = {"python": f"exit {r.returncode}: {r.stderr.strip()[-500:]}"}
+  if bad:
+    raise SandboxSetupError(
+        "the code sandbox cannot import what this Python can, so every program that needs "
+        f"it would get reward 0: {bad}. Interpreter {_python()}, site-packages {paths}. "
+        "Check where the environment lives and what bubblewrap mounts "
+        "(restem_jax/verifiers/sandbox.py: _bwrap_base_args).")
+  return present
 
 
 _warned = False
@@ -146,6 +192,8 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
   isolated = bwrap_available()
   if not isolated:
     _warn_fallback()
+  elif limits.site_packages:
+    check_imports()
   t0 = time.monotonic()
   host_dir = tempfile.mkdtemp(prefix="restem_sandbox_")
   try:
