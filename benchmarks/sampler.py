@@ -42,14 +42,14 @@ def main():
     mesh = partitioning.make_mesh()
     cfg, params = hf.load(d, mesh=mesh, dtype=args.dtype)
   print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, devices: {jax.devices()}")
-  kw = dict(num_samples=args.samples, max_new_tokens=args.new, temperature=0.7, top_k=40,
-            eos_id=-1, batch_size=args.prompts, mesh=mesh)
+  sc = sampling.SamplingConfig(num_samples=args.samples, max_new_tokens=args.new, temperature=0.7, top_k=40)
+  kw = dict(eos_id=-1, batch_size=args.prompts, mesh=mesh)
   with jax.set_mesh(mesh):
     import time
     t0 = time.perf_counter()
-    sampling.sample(cfg, params, prompts, rng=0, **kw)
+    sampling.sample(cfg, params, prompts, sc, rng=0, **kw)
     compile_s = time.perf_counter() - t0
-    ours = common.best_of(lambda: sampling.sample(cfg, params, prompts, rng=1, **kw), 3)
+    ours = common.best_of(lambda: sampling.sample(cfg, params, prompts, sc, rng=1, **kw), 3)
   ours_tps = n_tokens / ours
   print(f"ours: {ours:.2f} s for {n_tokens} tokens = {ours_tps:.0f} tokens/s (first call incl. compile {compile_s:.1f} s)")
 

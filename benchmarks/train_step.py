@@ -7,6 +7,7 @@ parameters incl. the output head) + 12 * layers * d_model * seq per token.
 Usage: python benchmarks/train_step.py [--batch 16] [--seq 256] [--size 20m|1b] [--dtype float32]
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from restem_jax import partitioning, training  # noqa: E402
+from restem_jax import model, partitioning, training  # noqa: E402
 
 
 def matmul_peak(dtype, n: int) -> float:
@@ -49,8 +50,8 @@ def main():
                loss_mask=np.ones((args.batch, args.seq + 1), np.int32),
                reward=np.ones(args.batch, np.float32))
   with jax.set_mesh(mesh):
-    state, shardings = training.create_state(cfg, tc, mesh)
-    step = training.jit_train_step(cfg, tc, mesh, shardings)
+    state, shardings = training.create_state(functools.partial(model.init_params, cfg), tc, mesh)
+    step = training.jit_train_step(training.nll_loss(cfg), tc, mesh, shardings)
     batch = jax.device_put(batch, training.batch_sharding(mesh))
     t0 = time.perf_counter()
     state, m = step(state, batch)

@@ -1,9 +1,12 @@
-"""Checkpoints with orbax: a pytree plus a JSON metadata dict per step.
+"""Checkpoints with orbax: named pytrees per step, kept by recency and by a metric.
 
 Plain functions over `ocp.CheckpointManager`; restores land directly on the
-shardings of a target tree (live arrays or ShapeDtypeStructs with shardings).
+shardings of target trees (live arrays or ShapeDtypeStructs with shardings),
+and a subset of the items can be restored (evaluation reads only `params`).
 Orbax writes each step to a temporary folder and renames it when complete, so
-a process killed mid-save leaves the previous checkpoint intact.
+a process killed mid-save leaves the previous checkpoint intact.  With
+`best_metric`, orbax's own `best_fn` / `BestN` keep the best step beside the
+latest ones, in the same folder.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 
 def absolute(path: str) -> str:
@@ -21,16 +25,26 @@ def absolute(path: str) -> str:
   return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
-def manager(directory: str, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
-  directory = absolute(directory)
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options)
+def manager(directory: str, keep: int = 2, best_metric: str | None = None) -> ocp.CheckpointManager:
+  """Keeps the `keep` latest steps and, with `best_metric`, the step whose
+  metrics[best_metric] is highest (`mngr.best_step()`)."""
+  if best_metric is None:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+  else:
+    score = lambda metrics: metrics[best_metric]  # noqa: E731
+    options = ocp.CheckpointManagerOptions(
+        best_fn=score, best_mode="max", create=True, enable_async_checkpointing=False,
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(keep),
+            policies.BestN(get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False)]))
+  return ocp.CheckpointManager(absolute(directory), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, tree, metadata: dict, force=False) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(tree), metadata=ocp.args.JsonSave(metadata)), force=force)
+def save(mngr: ocp.CheckpointManager, step: int, items: dict, metrics: dict | None = None) -> None:
+  """Saves the named pytrees `items` at `step` (with `metrics` for best_fn)."""
+  args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
+  mngr.save(step, args=args, metrics=metrics)
   mngr.wait_until_finished()
 
 
@@ -39,13 +53,17 @@ def abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target):
-  """(tree, metadata) at `step`, placed like `target`."""
+def restore(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
+  """The items named in `targets` at `step`, each placed like its target."""
   out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract(target)), metadata=ocp.args.JsonRestore()))
-  return out.state, dict(out.metadata)
+      **{k: ocp.args.StandardRestore(abstract(v)) for k, v in targets.items()}))
+  return {k: out[k] for k in targets}
 
 
-def read_metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
-  out = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-  return dict(out.metadata)
+def best_score(mngr: ocp.CheckpointManager, metric: str) -> tuple[int | None, float | None]:
+  """(step, score) of the best step saved with metrics (orbax's `best_step`), or (None, None)."""
+  step = mngr.best_step()
+  metrics = mngr.metrics(step) if step is not None else None
+  if not metrics or metric not in metrics:
+    return None, None
+  return step, float(metrics[metric])

@@ -1,24 +1,27 @@
-"""Evaluation: generation for records, pass@k (unbiased), maj@k, and a
-notebook-friendly `evaluate()` returning a pandas DataFrame.
+"""Evaluation: pass@k (unbiased) and maj@k of verified rollouts, the metrics
+of a policy after each ReST^EM stage, and a notebook-friendly `evaluate()`
+returning a pandas DataFrame.
 
-    from restem_jax import evaluation
-    df = evaluation.evaluate("runs/arith/iter_2/train/best", "arith", split="test",
-                             model=ModelConfig(...), num_samples=16, temperature=1.0)
+    from restem_jax import evaluation, sampling
+    df = evaluation.evaluate("runs/arith/iter_2/train/checkpoints", "arith", split="test",
+                             model=ModelConfig(...),
+                             sc=sampling.SamplingConfig(num_samples=16, temperature=1.0))
     df.attrs["summary"]   # {'pass@1': ..., 'pass@16': ..., 'maj@16': ..., 'greedy_pass@1': ...}
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 import os
 import random
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
-from restem_jax import checkpoints, partitioning, sampling
+from restem_jax import checkpoints, partitioning, rollouts, sampling
 from restem_jax import model as model_lib
 
 
@@ -63,109 +66,138 @@ def majority_at_k(keys: Sequence, correct: Sequence[bool], k: int, max_subsets: 
   return float(np.mean(vals))
 
 
-# ----------------------------------------------------------------------------- generation
-
-def cut_completion(text: str, stop: str) -> str:
-  if stop and stop in text:
-    return text[:text.index(stop)]
-  return text
+# ----------------------------------------------------------------------------- scoring
 
 
-def generate(cfg: model_lib.ModelConfig, params, vocab, records: Sequence[dict], *,
-             num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0, stop: str = "",
-             mesh=None, progress: Callable[[int], None] | None = None) -> list[list[str]]:
-  """Completions (strings) for each record's prompt: [num_records][num_samples]."""
-  prompts = [vocab.encode(r["prompt"]) for r in records]
-  out = sampling.sample(cfg, params, prompts, num_samples=num_samples,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=vocab.eos_id, pad_id=0, rng=seed,
-                        batch_size=batch_size, mesh=mesh, progress=progress)
-  return [[cut_completion(vocab.decode(t), stop) for t in out.completions(i, vocab.eos_id)]
-          for i in range(len(records))]
-
-
-def score(task, records: Sequence[dict], completions: list[list[str]], *, ks=(1,),
-          workers: int | None = None) -> tuple[dict, list[dict]]:
-  """Verifies completions; returns (summary metrics, per-record rows)."""
-  from restem_jax import verifiers
-  from restem_jax.verifiers import math as vm
-  flat = [(r, c) for r, cs in zip(records, completions) for c in cs]
-  rewards, results, counts = verifiers.verify_batch(task.verifier, flat, workers=workers)
-  has_answers = isinstance(task.verifier, verifiers.MathVerifier)  # maj@k needs final answers
-  rows, i = [], 0
-  for r, cs in zip(records, completions):
-    n = len(cs)
-    ok = [bool(x) for x in rewards[i:i + n]]
-    res = results[i:i + n]
-    i += n
-    keys = [vm.normalize(x.detail) if has_answers and x.status in ("passed", "wrong_answer")
-            and x.detail else None for x in res]
-    row = dict(id=r["id"], n=n, correct=sum(ok), first_correct=ok[0] if n else False)
-    for k in ks:
-      if k <= n:
-        row[f"pass@{k}"] = pass_at_k(n, sum(ok), k)
-        if any(kk is not None for kk in keys):
-          row[f"maj@{k}"] = majority_at_k(keys, ok, k)
+def score(r: rollouts.Rollouts, ks: Sequence[int] = (1,)) -> tuple[dict, list[dict]]:
+  """(summary, per-problem rows) of verified rollouts: pass@k, and maj@k where
+  the verifier gives final answers, for each k <= the samples per problem."""
+  if not r.verified:
+    raise ValueError("score: the rollouts are not verified yet")
+  n = r.num_samples
+  rows = []
+  for i in range(r.num_problems):
+    ok = (r.rewards[i] > 0).tolist()
+    keys = [a or None for a in r.answers[i].tolist()]
+    row = dict(id=str(r.problem_ids[i]), n=n, correct=sum(ok), first_correct=ok[0])
+    for k in (k for k in ks if k <= n):
+      row[f"pass@{k}"] = pass_at_k(n, sum(ok), k)
+      if any(keys):
+        row[f"maj@{k}"] = majority_at_k(keys, ok, k)
     rows.append(row)
-  summary = {key: float(np.mean([row[key] for row in rows if key in row]))
-             for key in rows[0] if key.startswith(("pass@", "maj@"))} if rows else {}
-  summary["statuses"] = dict(counts)
+  keys = [k for k in (rows[0] if rows else {}) if k.startswith(("pass@", "maj@"))]
+  summary = {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
+  summary["statuses"] = dict(collections.Counter(r.statuses.ravel().tolist()))
   return summary, rows
 
 
-def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None):
-  """Parameters from an orbax folder written by training.train (`.../best` or
-  `.../checkpoints`, latest step) or from a Hugging Face model folder."""
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """How a policy is run: its architecture, vocabulary and mesh, prompts per
+  sampler call, verifier workers (None: one per core)."""
+  model: model_lib.ModelConfig
+  vocab: object
+  mesh: object = None
+  batch_size: int = 64
+  workers: int | None = None
+
+
+def rollout(engine: Engine, params, task, records: Sequence[dict], sc: sampling.SamplingConfig, *,
+            seed: int = 0, desc: str = "") -> rollouts.Rollouts:
+  """Samples and verifies completions of `records` (a progress bar with `desc`)."""
+  from tqdm.auto import tqdm
+  with tqdm(total=len(records), desc=desc or task.name, unit="problem", leave=False,
+            disable=None) as bar:
+    def progress(n):
+      bar.n = n
+      bar.refresh()
+    r = rollouts.sample(engine.model, params, engine.vocab, records, sc, stop=task.stop, rng=seed,
+                        batch_size=engine.batch_size, mesh=engine.mesh, progress=progress)
+  return rollouts.verify(r, records, task.verifier, engine.vocab, stop=task.stop,
+                         workers=engine.workers, progress=True)
+
+
+def greedy_pass_at_1(engine: Engine, params, task, records, max_new_tokens: int) -> float:
+  sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens)
+  r = rollout(engine, params, task, records, sc, desc=f"greedy {task.name}")
+  return float(np.mean(r.rewards[:, 0] > 0)) if len(records) else 0.0
+
+
+def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequence, *,
+                   max_new_tokens: int, sc: sampling.SamplingConfig, ks: Sequence[int],
+                   seed: int = 0) -> dict:
+  """What the report shows of a policy: greedy pass@1 on `splits` (name ->
+  records; "train" and "test" give the train-test gap), on each transfer
+  (task, split, records), and pass@k / maj@k of `sc` samples on the test split."""
+  m = {f"{name}_pass_at_1": greedy_pass_at_1(engine, params, task, recs, max_new_tokens)
+       for name, recs in splits.items()}
+  if "train" in splits and "test" in splits:
+    m["train_test_gap"] = m["train_pass_at_1"] - m["test_pass_at_1"]
+  for t, split, recs in transfer:
+    m[f"transfer/{t.name}/{split}_pass_at_1"] = greedy_pass_at_1(engine, params, t, recs, max_new_tokens)
+  if sc.num_samples > 1:
+    r = rollout(engine, params, task, splits["test"], sc, seed=seed, desc="pass@k samples")
+    summary, _ = score(r, ks)
+    for key, v in summary.items():
+      if key.startswith(("pass@", "maj@")):  # from temperature samples (greedy pass@1 is above)
+        m["sampled_" + key.replace("@", "_at_")] = v
+  return m
+
+
+def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | None = None):
+  """Parameters from a training folder written by `training.train` (its best
+  step by validation, else its latest; `.../train` or `.../train/checkpoints`),
+  or from a Hugging Face model folder."""
   path = checkpoints.absolute(path)
   if os.path.exists(os.path.join(path, "config.json")):
     from restem_jax import hf
     return hf.load_params(path, cfg, mesh)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
   mesh = mesh or partitioning.make_mesh()
   boxed = jax.eval_shape(lambda r: model_lib.init_params(cfg, r), jax.random.key(0))
   shardings = partitioning.logical_shardings(boxed, mesh)
   import flax.linen as nn
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         nn.unbox(boxed), shardings)
-  mngr = checkpoints.manager(path, None)
-  step = mngr.latest_step()
+  mngr = checkpoints.manager(path, best_metric="validation")
+  step = mngr.best_step() if step is None else step
+  if step is None:
+    step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint found")
-  tree, _ = checkpoints.restore(mngr, step, target)
-  return tree.params if hasattr(tree, "params") else tree
+  return checkpoints.restore(mngr, step, {"params": target})["params"]
 
 
 def evaluate(checkpoint_or_params, task, *, model: model_lib.ModelConfig, split: str = "test",
-             vocab=None, num_samples: int = 1, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, ks: Sequence[int] = (1,), max_new_tokens: int = 64,
-             batch_size: int = 64, limit: int | None = None, seed: int = 0, mesh=None):
+             vocab=None, sc: sampling.SamplingConfig = sampling.GREEDY, ks: Sequence[int] = (1,),
+             max_new_tokens: int | None = None, batch_size: int = 64, limit: int | None = None,
+             seed: int = 0, mesh=None):
   """Per-problem results of a model on a task split as a pandas DataFrame.
 
-  `checkpoint_or_params`: a path (orbax folder or Hugging Face folder) or a
+  `checkpoint_or_params`: a path (training folder or Hugging Face folder) or a
   parameter tree.  `task`: a name ("arith", "math", ...) or a Task.  Greedy
-  pass@1 is always computed; with num_samples > 1, pass@k and maj@k from
-  samples at `temperature`.  Summary numbers are in `df.attrs["summary"]`.
+  pass@1 is always computed (up to `max_new_tokens`, default sc's); with
+  sc.num_samples > 1, pass@k and maj@k of those samples.  Summary numbers are
+  in `df.attrs["summary"]`.
   """
   import pandas as pd
   import tasks as tasks_lib
+  from restem_jax import vocab as vocab_lib
   task = tasks_lib.get(task) if isinstance(task, str) else task
-  if vocab is None:
-    import seqio
-    vocab = seqio.ByteVocabulary()
+  engine = Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, batch_size)
   params = (load_params(checkpoint_or_params, model, mesh)
             if isinstance(checkpoint_or_params, (str, os.PathLike)) else checkpoint_or_params)
   records = task.load(split)[:limit]
-  kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop=task.stop, mesh=mesh)
-  greedy = generate(model, params, vocab, records, **kw)
-  g_summary, g_rows = score(task, records, greedy)
+  greedy_sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens or sc.max_new_tokens, stop=sc.stop)
+  greedy = rollout(engine, params, task, records, greedy_sc, desc="greedy")
+  g_summary, g_rows = score(greedy)
   summary = {"greedy_pass@1": g_summary["pass@1"]}
   df = pd.DataFrame(g_rows).rename(columns={"first_correct": "greedy_correct"})[["id", "greedy_correct"]]
-  if num_samples > 1:
-    samples = generate(model, params, vocab, records, num_samples=num_samples,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw)
-    s_summary, s_rows = score(task, records, samples, ks=ks)
+  if sc.num_samples > 1:
+    s_summary, s_rows = score(rollout(engine, params, task, records, sc, seed=seed), ks)
     summary.update({k: v for k, v in s_summary.items() if k != "statuses"})
     df = df.merge(pd.DataFrame(s_rows).drop(columns=["first_correct"]), on="id")
-  df["completion"] = [g[0] for g in greedy]
+  df["completion"] = [t[0] for t in greedy.texts(engine.vocab, task.stop)]
   df.attrs["summary"] = summary
   return df

@@ -34,42 +34,48 @@ def parse_flags(argv):
   return args.gin_file, bindings, args.gin_search_path
 
 
-def _setup(data_dir, arith, model, hf_model_dir):
-  """Data location, the arith knobs, and (for a Hugging Face base) its config + tokenizer."""
-  import tasks
-  if data_dir:
-    tasks.set_data_dir(data_dir)
-  if arith is not None:
-    tasks.arith.configure(arith)
-  if not hf_model_dir:
-    return model, None
+def _setup(model, hf_model_dir):
+  """The architecture and vocabulary: a Hugging Face folder's, or the built-in byte model's."""
   from restem_jax import hf, vocab
+  if not hf_model_dir:
+    return model, vocab.ByteVocabulary()
   model = hf.load_config(hf_model_dir, dtype=model.dtype, remat=model.remat, param_dtype=model.param_dtype)
   return model, vocab.HFTokenizerVocabulary(hf_model_dir)
 
 
-def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="", arith=None):
+def _task(name, data_dir, task_options, prompt=""):
+  import tasks
+  return tasks.get(name, data_dir=data_dir, options=dict(task_options or {}).get(name), prompt=prompt)
+
+
+def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="",
+                task_options=None, prompt=""):
+  """ReST^EM in run_dir.  `task_options`: {task name: its options} (arith: an
+  ArithConfig; apps: difficulties); `prompt` replaces the main task's template."""
   import dataclasses
   from restem_jax import restem
   from restem_jax.checkpoints import absolute
   run_dir, data_dir = absolute(run_dir), absolute(data_dir)
   config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir))
-  model, vocab = _setup(data_dir, arith, model, config.hf_model_dir)
-  return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab)
+  model, vocab = _setup(model, config.hf_model_dir)
+  task = _task(config.task, data_dir, task_options, prompt)
+  transfer = [(_task(t, data_dir, task_options), s) for t, s in config.transfer]
+  return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab, task=task,
+                    transfer=transfer)
 
 
-def eval_main(checkpoint, model, task="arith", split="test", num_samples=1, temperature=1.0, top_k=0,
-              ks=(1,), max_new_tokens=64, batch_size=64, limit=0, out="", data_dir="", arith=None,
-              hf_model_dir=""):
-  """Evaluates `checkpoint` (orbax folder, or hf_model_dir itself when empty)."""
+def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(1,), batch_size=64,
+              limit=0, out="", data_dir="", task_options=None, hf_model_dir="", prompt=""):
+  """Evaluates `checkpoint` (a training folder, or hf_model_dir itself when empty):
+  greedy pass@1, and pass@k / maj@k of `sampling`'s samples."""
   from restem_jax import evaluation
   from restem_jax.checkpoints import absolute
+  from restem_jax.sampling import SamplingConfig
   checkpoint, out, data_dir, hf_model_dir = map(absolute, (checkpoint, out, data_dir, hf_model_dir))
-  model, vocab = _setup(data_dir, arith, model, hf_model_dir)
-  df = evaluation.evaluate(checkpoint or hf_model_dir, task, model=model, split=split, vocab=vocab,
-                           num_samples=num_samples,
-                           temperature=temperature, top_k=top_k, ks=tuple(ks),
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit or None)
+  model, vocab = _setup(model, hf_model_dir)
+  df = evaluation.evaluate(checkpoint or hf_model_dir, _task(task, data_dir, task_options, prompt),
+                           model=model, split=split, vocab=vocab, sc=sampling or SamplingConfig(),
+                           ks=tuple(ks), batch_size=batch_size, limit=limit or None)
   summary = df.attrs["summary"]
   print(json.dumps(summary, indent=1))
   if out:
@@ -88,9 +94,10 @@ def execute(fn):
 def register_configurables():
   """Registers the configurable dataclasses and entry points (once per process)."""
   import gin
-  from restem_jax import model, restem, training
+  from restem_jax import model, restem, sampling, training
   from tasks import arith
   gin.external_configurable(model.ModelConfig, "ModelConfig")
+  gin.external_configurable(sampling.SamplingConfig, "SamplingConfig")
   gin.external_configurable(training.TrainConfig, "TrainConfig")
   gin.external_configurable(restem.RestemConfig, "RestemConfig")
   gin.external_configurable(arith.ArithConfig, "ArithConfig")

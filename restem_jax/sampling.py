@@ -21,6 +21,34 @@ from restem_jax import model as model_lib
 from restem_jax import partitioning
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample: one value from gin to the jitted sampler (its static argument).
+
+  temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+  `stop` holds extra stop strings (besides EOS and the task's own), applied on
+  the host when completions are cut; the device loop stops at EOS.
+  """
+  num_samples: int = 1
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 64
+  stop: tuple = ()
+
+  def __post_init__(self):
+    if self.num_samples < 1 or self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig: num_samples and max_new_tokens must be >= 1 ({self})")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 ({self})")
+
+  def device_part(self) -> "SamplingConfig":
+    return dataclasses.replace(self, stop=())
+
+
+GREEDY = SamplingConfig()
+
+
 @dataclasses.dataclass
 class Samples:
   """tokens/logprobs: [num_prompts, num_samples, max_new_tokens]; lengths count EOS."""
@@ -90,6 +118,8 @@ def filter_logits(logits_NxV, temperature, top_k: int = 0, top_p: float = 1.0):
 def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.0):
   """One token per row; greedy (argmax) where temperature == 0."""
   greedy_N = jnp.argmax(logits_NxV, axis=-1)
+  if isinstance(temperature, (int, float)) and temperature == 0:  # static greedy: no draw
+    return greedy_N.astype(jnp.int32)
   # Inverse-CDF draw: one uniform per row (a Gumbel draw needs one per logit,
   # which dominates a CPU decode step for large vocabularies).
   probs_NxV = jax.nn.softmax(filter_logits(logits_NxV, temperature, top_k, top_p), axis=-1)
@@ -102,15 +132,14 @@ def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.
   return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "cfg", "num_samples", "max_new_tokens", "top_k", "top_p", "rules"))
-def generate(params, prompts_BxP, prompt_mask_BxP, rng, temperature, eos_id, pad_id, *,
-             cfg: model_lib.ModelConfig, num_samples: int, max_new_tokens: int,
-             top_k: int = 0, top_p: float = 1.0, rules=partitioning.DEFAULT_RULES):
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "rules"))
+def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
+             cfg: model_lib.ModelConfig, sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
   """Device-side sampling on left-padded prompts; returns [B*n, T] arrays."""
+  temperature, top_k, top_p = sc.temperature, sc.top_k, sc.top_p
   with nn.logical_axis_rules(rules):
     b, p = prompts_BxP.shape
-    n, t = num_samples, max_new_tokens
+    n, t = sc.num_samples, sc.max_new_tokens
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
     kv_mask_BxS = jnp.concatenate(
         [prompt_mask_BxP.astype(bool), jnp.zeros((b, t), bool)], axis=1)
@@ -181,12 +210,11 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: i
   return tokens, mask
 
 
-def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[int]], *,
-           num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, eos_id: int = 1, pad_id: int = 0,
+def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[int]],
+           sc: SamplingConfig = GREEDY, *, eos_id: int = 1, pad_id: int = 0,
            rng: jax.Array | int = 0, batch_size: int = 32, max_prompt_len: int | None = None,
            mesh=None, rules=partitioning.DEFAULT_RULES, progress=None) -> Samples:
-  """Samples `num_samples` completions for each prompt (token lists).
+  """Samples `sc.num_samples` completions for each prompt (token lists).
 
   Prompts are processed `batch_size` at a time (the last batch padded, so every
   call has the same shape).  Prompt length is bucketed to a power of two, or
@@ -196,6 +224,7 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
+  num_samples, max_new_tokens = sc.num_samples, sc.max_new_tokens
   num = len(prompt_tokens)
   if mesh is not None:
     dp = partitioning.data_parallel_size(mesh)
@@ -212,9 +241,8 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
       toks, mask = (jax.device_put(a, partitioning.sharding_for(mesh, ("batch", "length"), a.shape, rules))
                     for a in (toks, mask))
     t, l, lp = generate(params, toks, mask, jax.random.fold_in(rng, start),
-                        jnp.float32(temperature), jnp.int32(eos_id), jnp.int32(pad_id),
-                        cfg=cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                        top_k=int(top_k), top_p=float(top_p), rules=rules)
+                        jnp.int32(eos_id), jnp.int32(pad_id), cfg=cfg, sc=sc.device_part(),
+                        rules=rules)
     k = len(chunk)
     shape = (batch_size, num_samples, max_new_tokens)
     out_t[start:start + k] = np.asarray(t).reshape(shape)[:k]

@@ -7,11 +7,14 @@ A batch is a dict of numpy arrays:
 
 Loss (reward-weighted NLL, per-token mean over weighted tokens):
 
-    loss = sum_{i,t} r_i m_it nll_it / sum_{i,t} r_i m_it
+    loss = sum_{i,t} r_i m_it nll_it / sum_{i,t} r_i m_it      (`nll_loss`, the default)
 
 over the whole optimizer batch (all accumulation micro-batches together).
 Examples with r = 0 add nothing to numerator or denominator: no gradient.
 With binary rewards this is the ordinary token-mean NLL on the kept samples.
+`train` takes any loss of the same form, `loss_fn(params, batch) -> (sum,
+weight, {name: sum})`, and any `init_fn`, so reward models reuse the same
+sharded step, accumulation, checkpoints, resume and keep-best.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -80,67 +83,82 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
       optax.adamw(learning_rate_fn(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
 
 
-def loss_sums(cfg: model_lib.ModelConfig, params, batch):
-  """(sum of weighted NLL, sum of weights, weighted correct tokens)."""
-  tokens = batch["tokens"]
-  logits_BxLxV, _ = model_lib.apply(cfg, params, tokens[:, :-1])
-  targets_BxL = tokens[:, 1:]
-  w_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["reward"][:, None]
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
-  nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)[..., 0]
-  correct = (jnp.argmax(logits_BxLxV, -1) == targets_BxL) & (w_BxL > 0)
-  return jnp.sum(nll_BxL * w_BxL), jnp.sum(w_BxL), jnp.sum(correct * w_BxL)
+LossFn = Callable[[Any, dict], tuple]  # (params, batch) -> (loss sum, weight sum, {name: sum})
 
 
-def train_step(state: TrainState, batch, *, cfg, tc: TrainConfig, rules):
-  """One optimizer step; micro-batches are accumulated with a scan."""
+def nll_loss(cfg: model_lib.ModelConfig) -> LossFn:
+  """The reward-weighted NLL of the policy (the default loss of `train`).
+
+  Returns sums over the batch: the weighted NLL, the weight, and the weighted
+  count of tokens the model predicts right (reported as `accuracy`)."""
+  def loss_fn(params, batch):
+    tokens = batch["tokens"]
+    logits_BxLxV, _ = model_lib.apply(cfg, params, tokens[:, :-1])
+    targets_BxL = tokens[:, 1:]
+    w_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["reward"][:, None]
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+    nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)[..., 0]
+    correct_BxL = (jnp.argmax(logits_BxLxV, -1) == targets_BxL) & (w_BxL > 0)
+    return jnp.sum(nll_BxL * w_BxL), jnp.sum(w_BxL), {"accuracy": jnp.sum(correct_BxL * w_BxL)}
+  return loss_fn
+
+
+def train_step(state: TrainState, batch, *, loss_fn: LossFn, tc: TrainConfig, rules):
+  """One optimizer step; micro-batches are accumulated with a scan, and the
+  loss is normalised by the weight of the whole optimizer batch."""
   with nn.logical_axis_rules(rules):
     k = tc.grad_accum
     micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
     def micro_loss(params, mb):
-      loss_sum, w_sum, correct = loss_sums(cfg, params, mb)
-      return loss_sum, jnp.stack([loss_sum, w_sum, correct])
+      total, weight, sums = loss_fn(params, mb)
+      return total, (total, weight, sums)
 
     def micro_step(carry, mb):
-      g_acc, sums = carry
-      g, s = jax.grad(micro_loss, has_aux=True)(state.params, mb)
-      return (jax.tree.map(jnp.add, g_acc, g), sums + s), None
+      g_acc, aux_acc = carry
+      g, aux = jax.grad(micro_loss, has_aux=True)(state.params, mb)
+      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                        jax.eval_shape(lambda p: micro_loss(p, first)[1], state.params))
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (g_sum, sums), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros(3)), micro)
-    denom = jnp.maximum(sums[1], 1e-8)
+    (g_sum, (total, weight, sums)), _ = jax.lax.scan(micro_step, (zeros, aux0), micro)
+    denom = jnp.maximum(weight, 1e-8)
     grads = jax.tree.map(lambda g: g / denom, g_sum)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=sums[0] / denom, accuracy=sums[2] / denom, tokens=sums[1],
-                   grad_norm=optax.tree.norm(grads),
-                   learning_rate=learning_rate_fn(tc)(state.step))
+    metrics = dict(loss=total / denom, tokens=weight, grad_norm=optax.tree.norm(grads),
+                   learning_rate=learning_rate_fn(tc)(state.step),
+                   **{name: v / denom for name, v in sums.items()})
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(params, batch, *, cfg, rules):
+def eval_step(params, batch, *, loss_fn: LossFn, rules):
+  """[loss sum, weight sum] of a batch."""
   with nn.logical_axis_rules(rules):
-    return jnp.stack(loss_sums(cfg, params, batch))
+    total, weight, _ = loss_fn(params, batch)
+    return jnp.stack([total, weight])
 
 
-def _abstract_state(cfg, tc):
+def _abstract_state(init_fn, tc):
   def init(rng):
-    params = model_lib.init_params(cfg, rng)
+    params = init_fn(rng)
     return TrainState(jnp.int32(0), params, make_optimizer(tc).init(params))
   return jax.eval_shape(init, jax.random.key(0)), init
 
 
-def state_shardings(cfg, tc, mesh, rules=partitioning.DEFAULT_RULES):
-  """Shardings of the whole TrainState, from eval_shape + logical rules."""
-  boxed, _ = _abstract_state(cfg, tc)
+def state_shardings(init_fn, tc, mesh, rules=partitioning.DEFAULT_RULES):
+  """Shardings of the whole TrainState, from eval_shape + logical rules.
+  `init_fn(rng)` returns boxed (logically named) parameters."""
+  boxed, _ = _abstract_state(init_fn, tc)
   return partitioning.logical_shardings(boxed, mesh, rules)
 
 
-def create_state(cfg, tc, mesh, rng=None, params=None, rules=partitioning.DEFAULT_RULES):
+def create_state(init_fn, tc, mesh, rng=None, params=None, rules=partitioning.DEFAULT_RULES):
   """Fresh TrainState created directly sharded (random init or given params)."""
-  shardings = state_shardings(cfg, tc, mesh, rules)
-  _, init = _abstract_state(cfg, tc)
+  shardings = state_shardings(init_fn, tc, mesh, rules)
+  _, init = _abstract_state(init_fn, tc)
   if params is None:
     rng = jax.random.key(tc.seed) if rng is None else rng
     make = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)
@@ -155,15 +173,15 @@ def batch_sharding(mesh, rules=partitioning.DEFAULT_RULES):
   return NamedSharding(mesh, P(nn.logical_to_mesh_axes(("batch",), rules)[0]))
 
 
-def jit_train_step(cfg, tc, mesh, shardings, rules=partitioning.DEFAULT_RULES):
+def jit_train_step(loss_fn, tc, mesh, shardings, rules=partitioning.DEFAULT_RULES):
   replicated = NamedSharding(mesh, P())
-  return jax.jit(functools.partial(train_step, cfg=cfg, tc=tc, rules=rules),
+  return jax.jit(functools.partial(train_step, loss_fn=loss_fn, tc=tc, rules=rules),
                  in_shardings=(shardings, batch_sharding(mesh, rules)),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def jit_eval_step(cfg, mesh, param_shardings, rules=partitioning.DEFAULT_RULES):
-  return jax.jit(functools.partial(eval_step, cfg=cfg, rules=rules),
+def jit_eval_step(loss_fn, mesh, param_shardings, rules=partitioning.DEFAULT_RULES):
+  return jax.jit(functools.partial(eval_step, loss_fn=loss_fn, rules=rules),
                  in_shardings=(param_shardings, batch_sharding(mesh, rules)),
                  out_shardings=NamedSharding(mesh, P()))
 
@@ -186,17 +204,61 @@ def batch_for_step(data: dict, step: int, batch_size: int, seed: int) -> dict:
   return {k: v[idx] for k, v in data.items()}
 
 
-def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, init_params=None,
+def pack_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  rewards: Sequence[float], eos_id: int, max_len: int) -> dict:
+  """Token lists -> a training set: prompt + completion + EOS, right-padded to
+  `max_len`, loss on the completion and EOS.  Longer examples are dropped (and
+  counted in a warning)."""
+  toks, masks, kept_rewards = [], [], []
+  for p, c, r in zip(prompts, completions, rewards):
+    c = list(c) + [eos_id]
+    if len(p) + len(c) > max_len:
+      continue
+    t = np.zeros(max_len, np.int32)
+    m = np.zeros(max_len, np.int32)
+    t[:len(p) + len(c)] = list(p) + c
+    m[len(p):len(p) + len(c)] = 1
+    toks.append(t)
+    masks.append(m)
+    kept_rewards.append(r)
+  if len(toks) < len(prompts):
+    logging.warning("%d examples longer than max_len=%d were dropped", len(prompts) - len(toks), max_len)
+  if not toks and len(prompts):
+    raise ValueError(f"no training examples ({len(prompts)} given, all longer than max_len={max_len})")
+  if not toks:
+    return dict(tokens=np.zeros((0, max_len), np.int32), loss_mask=np.zeros((0, max_len), np.int32),
+                reward=np.zeros((0,), np.float32))
+  return dict(tokens=np.stack(toks), loss_mask=np.stack(masks),
+              reward=np.asarray(kept_rewards, np.float32))
+
+
+def state_items(state: TrainState) -> dict:
+  """The state as checkpoint items: `params` alone can be restored for evaluation."""
+  return {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state}}
+
+
+def state_from_items(items: dict) -> TrainState:
+  return TrainState(items["train"]["step"], items["params"], items["train"]["opt_state"])
+
+
+def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: LossFn | None = None,
+          init_fn: Callable | None = None, init_params=None,
           validate: Callable[[Any], float] | None = None, rules=partitioning.DEFAULT_RULES,
           log: Callable[[dict], None] | None = None, progress: Callable | None = None):
   """Trains for `tc.total_steps`, resuming from `workdir/checkpoints` if present.
 
-  `validate(params) -> float` (higher is better) runs every `eval_every` steps
-  and at the end; the best parameters are kept in `workdir/best`.  Returns
-  (best_params, best_score, final_state); without `validate`, the final
-  parameters and None.  With several processes every host computes the same
-  global batch and feeds its own slice of it.
+  `loss_fn(params, batch) -> (loss sum, weight sum, {name: sum})` defaults to
+  the policy's reward-weighted NLL (`nll_loss(cfg)`); `init_fn(rng)` (boxed
+  parameters, default the decoder's) gives the state's structure and, without
+  `init_params`, its starting point.  `validate(params) -> float` (higher is
+  better) runs every `eval_every` steps and at the end; orbax keeps the best
+  step (`best_fn`) beside the latest ones.  Returns (best_params, best_score,
+  final_state); without `validate`, the final parameters and None.  With
+  several processes every host computes the same global batch and feeds its
+  own slice of it.
   """
+  loss_fn = loss_fn or nll_loss(cfg)
+  init_fn = init_fn or functools.partial(model_lib.init_params, cfg)
   if tc.batch_size % tc.grad_accum:
     raise ValueError(f"TrainConfig: batch_size {tc.batch_size} is not divisible by "
                      f"grad_accum {tc.grad_accum}")
@@ -204,26 +266,22 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, init_params=N
   if (tc.batch_size // tc.grad_accum) % dp:
     raise ValueError(f"TrainConfig: micro-batch {tc.batch_size // tc.grad_accum} is not "
                      f"divisible by the mesh's data-parallel size {dp}")
-  ckpt = checkpoints.manager(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
-  best = checkpoints.manager(os.path.join(workdir, "best"), 1)
-  state, shardings = create_state(cfg, tc, mesh, params=init_params, rules=rules)
-  meta = {"best_score": None, "best_step": None}
+  ckpt = checkpoints.manager(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
+                             best_metric="validation" if validate else None)
+  state, shardings = create_state(init_fn, tc, mesh, params=init_params, rules=rules)
   if ckpt.latest_step() is not None:
-    state, meta = checkpoints.restore(ckpt, ckpt.latest_step(), state)
+    state = state_from_items(checkpoints.restore(ckpt, ckpt.latest_step(), state_items(state)))
     logging.info("resumed from step %d", int(state.step))
-  if best.latest_step() is not None:  # the best may be newer than the last checkpoint
-    meta = checkpoints.read_metadata(best, best.latest_step())
-  step_fn = jit_train_step(cfg, tc, mesh, shardings, rules)
+  step_fn = jit_train_step(loss_fn, tc, mesh, shardings, rules)
 
-  def evaluate_and_keep(state):
-    if validate is None:
-      return
+  def save(state, metrics=None):
+    checkpoints.save(ckpt, int(state.step), state_items(state), metrics)
+
+  def validate_and_save(state):
     score = float(validate(state.params))
     if log:
       log({"step": int(state.step), "validation": score})
-    if meta["best_score"] is None or score > meta["best_score"]:
-      meta.update(best_score=score, best_step=int(state.step))
-      checkpoints.save(best, int(state.step), state.params, meta, force=True)
+    save(state, {"validation": score})
 
   start = int(state.step)
   t0 = time.time()
@@ -241,15 +299,15 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, init_params=N
       log({"step": done, **m, "steps_per_s": (done - start) / (time.time() - t0)})
     if progress:
       progress(done)
-    if done % tc.eval_every == 0 and done != tc.total_steps:
-      evaluate_and_keep(state)
-    if done % tc.checkpoint_every == 0 or done == tc.total_steps:
-      checkpoints.save(ckpt, done, state, meta)
-  if int(state.step) == tc.total_steps and (meta["best_step"] != tc.total_steps):
-    evaluate_and_keep(state)
+    if validate and (done % tc.eval_every == 0 or done == tc.total_steps):
+      validate_and_save(state)
+    elif done % tc.checkpoint_every == 0:
+      save(state)
+  if validate and (ckpt.latest_step() != int(state.step) or ckpt.metrics(int(state.step)) is None):
+    validate_and_save(state)  # nothing trained, or resumed where the final step has no score
   ckpt.wait_until_finished()
-  best.wait_until_finished()
-  if validate is None or best.latest_step() is None:
+  if validate is None:
     return state.params, None, state
-  best_params, _ = checkpoints.restore(best, best.latest_step(), state.params)
-  return best_params, meta["best_score"], state
+  best_step, score = checkpoints.best_score(ckpt, "validation")
+  best = checkpoints.restore(ckpt, best_step, {"params": state.params})["params"]
+  return best, score, state

@@ -1,23 +1,49 @@
-"""Vocabularies: a Hugging Face `tokenizers` tokenizer as a `seqio.Vocabulary`.
-
-The built-in tiny models use `seqio.ByteVocabulary` (pad 0, EOS 1, bytes + 3).
+"""Vocabularies without TensorFlow: bytes (the built-in models) and a Hugging
+Face `tokenizers` tokenizer.  Both have `encode`, `decode` (stops at EOS, drops
+special ids), `eos_id`, `pad_id` and `vocab_size`; `tasks.seqio_tasks.to_seqio`
+wraps either as a `seqio.Vocabulary` where seqio is installed.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
-import seqio
+
+class ByteVocabulary:
+  """UTF-8 bytes shifted by 3 (pad 0, EOS 1, UNK 2): `seqio.ByteVocabulary`'s ids."""
+  pad_id, eos_id, unk_id = 0, 1, 2
+  vocab_size = 259
+
+  def encode(self, s: str) -> list[int]:
+    return [b + 3 for b in s.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    out = []
+    for i in map(int, ids):
+      if i == self.eos_id:
+        break
+      if 3 <= i < 259:
+        out.append(i - 3)
+    return bytes(out).decode("utf-8", errors="ignore")
+
+  def __eq__(self, other):
+    return isinstance(other, ByteVocabulary)
+
+  def __hash__(self):
+    return hash("ByteVocabulary")
 
 
-class HFTokenizerVocabulary(seqio.Vocabulary):
+class HFTokenizerVocabulary:
   """tokenizer.json (+ tokenizer_config.json for the EOS token) of a local folder."""
+  pad_id = 0
 
-  def __init__(self, model_dir: str, extra_ids: int = 0):
+  def __init__(self, model_dir: str):
     from tokenizers import Tokenizer
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder")
+    self.model_dir = model_dir
     self._tok = Tokenizer.from_file(path)
     eos = None
     cfg_path = os.path.join(model_dir, "tokenizer_config.json")
@@ -26,39 +52,25 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
         eos = json.load(f).get("eos_token")
       if isinstance(eos, dict):
         eos = eos.get("content")
-    self._eos = self._tok.token_to_id(eos) if eos else None
-    if self._eos is None:
+    self.eos_id = self._tok.token_to_id(eos) if eos else None
+    if self.eos_id is None:
       raise ValueError(f"{cfg_path}: field 'eos_token' missing or not in the vocabulary")
-    super().__init__(extra_ids=extra_ids)
 
   @property
-  def eos_id(self) -> int:
-    return self._eos
-
-  @property
-  def unk_id(self):
-    return None
-
-  @property
-  def _base_vocab_size(self) -> int:
+  def vocab_size(self) -> int:
     return self._tok.get_vocab_size()
 
-  def _encode(self, s: str):
+  def encode(self, s: str) -> list[int]:
     return self._tok.encode(s, add_special_tokens=False).ids
 
-  def _decode(self, ids):
-    return self._tok.decode([int(i) for i in ids if int(i) >= 0], skip_special_tokens=True)
-
-  def _encode_tf(self, s):
-    import tensorflow as tf
-    return tf.ragged.map_flat_values(
-        lambda x: tf.py_function(lambda t: tf.constant(self._encode(t.numpy().decode())), [x], tf.int32), s) \
-        if isinstance(s, tf.RaggedTensor) else tf.py_function(
-            lambda t: tf.constant(self._encode(t.numpy().decode()), tf.int32), [s], tf.int32)
-
-  def _decode_tf(self, ids):
-    import tensorflow as tf
-    return tf.py_function(lambda t: tf.constant(self._decode(t.numpy().tolist())), [ids], tf.string)
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids]
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
 
   def __eq__(self, other):
     return isinstance(other, HFTokenizerVocabulary) and other._tok.to_str() == self._tok.to_str()
+
+  def __hash__(self):
+    return hash(self.model_dir)

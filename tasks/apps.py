@@ -1,9 +1,10 @@
 """`apps`: APPS programming problems (question, solutions, input_output,
 difficulty, starter_code).  Standard-input problems and call-based ones
 (fn_name, starter code, LeetCode-style `class Solution`) get different
-prompts.  Filter by difficulty with `configure(difficulties=...)`.
-Splits: `train` and `test` are APPS's own; `validation` is every 10th train
-problem (held out from `train`)."""
+prompts.  Filter by difficulty with `options` (a tuple of difficulties, e.g.
+`tasks.get("apps", options=("introductory",))`).  Splits: `train` and `test`
+are APPS's own; `validation` is every 10th train problem (held out from
+`train`)."""
 from __future__ import annotations
 
 import functools
@@ -20,12 +21,14 @@ CALL_PROMPT = ("QUESTION:\n{question}\n\nUse Call-Based format. Complete this co
 DIFFICULTIES = ("introductory", "interview", "competition")
 
 
-def configure(difficulties=DIFFICULTIES, files=FILES) -> None:
-  global DIFFICULTIES, FILES
-  DIFFICULTIES, FILES = tuple(difficulties), tuple(files)
+def prompt(record: dict) -> str:
+  """The APPS paper's prompt: call-based problems show their starter code."""
+  if record["input_output"].get("fn_name"):
+    return CALL_PROMPT.format(question=record["problem"], starter=record["starter_code"])
+  return STDIN_PROMPT.format(question=record["problem"])
 
 
-def _record(r: dict, path: str, lineno: int, templates: tuple) -> dict:
+def _record(r: dict, path: str, lineno: int) -> dict:
   io_ = r["input_output"]
   if isinstance(io_, str):  # original APPS files store JSON strings
     try:
@@ -37,36 +40,33 @@ def _record(r: dict, path: str, lineno: int, templates: tuple) -> dict:
   sols = r.get("solutions") or []
   if isinstance(sols, str):
     sols = json.loads(sols) if sols.strip() else []
-  starter = r.get("starter_code") or ""
-  prompt = (templates[1].format(question=r["question"], starter=starter) if io_.get("fn_name")
-            else templates[0].format(question=r["question"]))
-  return dict(id=f"apps/{r.get('apps_split', '?')}/{r.get('problem_id', lineno)}", prompt=prompt,
-              problem=r["question"], solution=(sols[0] + "\n```") if sols else "", answer="",
-              input_output=io_, difficulty=r.get("difficulty"), apps_split=r.get("apps_split"))
+  return dict(id=f"apps/{r.get('apps_split', '?')}/{r.get('problem_id', lineno)}",
+              problem=r["question"], starter_code=r.get("starter_code") or "",
+              solution=(sols[0] + "\n```") if sols else "", answer="", input_output=io_,
+              difficulty=r.get("difficulty"), apps_split=r.get("apps_split"))
 
 
 @functools.lru_cache(maxsize=None)
-def _read(files: tuple, data_dir: str, templates: tuple):
+def _read_files(data_dir: str):
   out = []
-  for name in files:
-    path = common.data_path(name)
+  for name in FILES:
+    path = common.data_path(data_dir, name)
     for i, r in enumerate(common.read_jsonl(path, {"question": str, "input_output": (dict, str)}), 1):
-      out.append(_record(r, path, i, templates))
+      out.append(_record(r, path, i))
   return out
 
 
-def load(split: str) -> list[dict]:
-  templates = (common.template("apps", STDIN_PROMPT), common.template("apps_call", CALL_PROMPT))
-  rows = [r for r in _read(FILES, common.data_dir(), templates) if r["difficulty"] in DIFFICULTIES]
+def read(split: str, data_dir: str, options: tuple | None) -> list[dict]:
+  difficulties = tuple(options or DIFFICULTIES)
+  unknown = set(difficulties) - set(DIFFICULTIES)
+  if unknown:
+    raise ValueError(f"apps: unknown difficulties {sorted(unknown)}; known: {DIFFICULTIES}")
+  rows = [r for r in _read_files(data_dir) if r["difficulty"] in difficulties]
   if split == "test":
     return [r for r in rows if r["apps_split"] == "test"]
   train = [r for r in rows if r["apps_split"] != "test"]
-  if split == "validation":
-    return train[::10]
-  if split == "train":
-    return [r for i, r in enumerate(train) if i % 10]
-  raise KeyError(f"apps: unknown split {split!r} (train, validation, test)")
+  return train[::10] if split == "validation" else [r for i, r in enumerate(train) if i % 10]
 
 
-TASK = common.register(common.Task("apps", ("train", "validation", "test"), load, AppsVerifier(),
-                                   stop="```"))
+TASK = common.Task("apps", ("train", "validation", "test"), read, AppsVerifier(), prompt=prompt,
+                   options=DIFFICULTIES, stop="```")

@@ -13,6 +13,7 @@ share a problem:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 
@@ -31,16 +32,6 @@ class ArithConfig:
   ops: str = "+-*"
   sizes: tuple = (("human", 500), ("pool", 3000), ("validation", 200), ("test", 500),
                   ("test_ood", 300))
-  prompt_template: str = "{problem}="
-
-
-CONFIG = ArithConfig()
-
-
-def configure(cfg: ArithConfig) -> None:
-  global CONFIG
-  CONFIG = cfg
-  _cache.clear()
 
 
 def _apply(a: int, op: str, b: int) -> int:
@@ -86,20 +77,14 @@ def check_steps(solution: str) -> list[bool]:
   return out
 
 
-_cache: dict = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _all_splits(cfg: ArithConfig) -> dict[str, list[dict]]:
-  prompt = common.template("arith", cfg.prompt_template)
-  key = (cfg, prompt)
-  if key in _cache:
-    return _cache[key]
   seen: set[str] = set()
   splits = {}
   # evaluation splits first, so training splits can avoid them
   order = sorted(dict(cfg.sizes), key=lambda s: s not in ("test", "validation", "test_ood"))
   sizes = dict(cfg.sizes)
-  for idx, split in enumerate(order):
+  for split in order:
     rng = random.Random(f"{cfg.seed}:{split}")
     rows = []
     attempts = 0
@@ -114,21 +99,22 @@ def _all_splits(cfg: ArithConfig) -> dict[str, list[dict]]:
         continue
       seen.add(expr)
       rows.append(dict(id=f"arith/{split}/{len(rows)}", problem=expr,
-                       prompt=prompt.format(problem=expr),
                        solution=solution_text(steps, ans) if split == "human" else "",
                        answer=str(ans), num_ops=n))
     splits[split] = rows
-  _cache[key] = splits
   return splits
 
 
-def load(split: str) -> list[dict]:
-  splits = _all_splits(CONFIG)
-  if split not in splits:
-    raise KeyError(f"arith: unknown split {split!r}; splits: {sorted(splits)}")
-  return splits[split]
+def read(split: str, data_dir: str, options: ArithConfig | None) -> list[dict]:
+  """Generated, no files: `data_dir` is not used."""
+  return _all_splits(options or ArithConfig())[split]
 
 
-TASK = common.register(common.Task(
-    name="arith", splits=("human", "pool", "validation", "test", "test_ood"), load=load,
-    verifier=MathVerifier(), step_checker=check_steps))
+def make(options: ArithConfig = ArithConfig(), prompt: str = "{problem}=") -> common.Task:
+  """The arith task with these knobs (splits follow `options.sizes`)."""
+  return common.Task(name="arith", splits=tuple(dict(options.sizes)), read=read,
+                     verifier=MathVerifier(), prompt=prompt, options=options,
+                     step_checker=check_steps)
+
+
+TASK = make()

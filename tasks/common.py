@@ -1,51 +1,36 @@
-"""What every task module shares: where data lives, checked JSONL reading,
-prompt templates, and seqio registration of host-side records."""
+"""What every task module shares: the Task value, where data lives, checked
+JSONL reading.
+
+A Task is a frozen value: its reader, prompt format, data folder, options and
+verifier travel with it, and a variant is `dataclasses.replace(task, ...)` or
+`tasks.get(name, data_dir=..., prompt=..., options=...)`.  Nothing here is
+configured by mutating module state.  seqio registration lives in
+`tasks.seqio_tasks` (it needs TensorFlow; the loop does not).
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "..", "shared", "data")
-_data_dir = None
 
 
-_prompts: dict[str, str] = {}
+def resolve_data_dir(data_dir: str = "") -> str:
+  """`data_dir`, else $RESTEM_DATA_DIR, else ../shared/data beside the project."""
+  return os.path.abspath(data_dir or os.environ.get("RESTEM_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
-def set_prompt(task: str, template: str | None) -> None:
-  """Overrides a task's prompt template ({problem} is filled in; few-shot
-  examples can be written into the template).  None restores the default."""
-  if template:
-    _prompts[task] = template
-  else:
-    _prompts.pop(task, None)
-
-
-def template(task: str, default: str) -> str:
-  """The prompt template in force for `task` (pass it into cached loaders)."""
-  return _prompts.get(task, default)
-
-
-def set_data_dir(path: str | None) -> None:
-  """Where MATH / GSM8K / APPS / HumanEval folders live (else $RESTEM_DATA_DIR,
-  else ../shared/data beside the project)."""
-  global _data_dir
-  _data_dir = path
-
-
-def data_dir() -> str:
-  return _data_dir or os.environ.get("RESTEM_DATA_DIR") or DEFAULT_DATA_DIR
-
-
-def data_path(*parts: str) -> str:
-  path = os.path.join(data_dir(), *parts)
+def data_path(data_dir: str, *parts: str) -> str:
+  path = os.path.join(data_dir, *parts)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: data file not found (set RESTEM_DATA_DIR or the DATA_DIR "
-                            "gin macro to the folder holding math/, gsm8k/, apps/, humaneval/)")
+    raise FileNotFoundError(f"{path}: data file not found (set RESTEM_DATA_DIR, the DATA_DIR gin "
+                            "macro or Task.data_dir to the folder holding math/, gsm8k/, apps/, "
+                            "humaneval/)")
   return path
 
 
@@ -75,78 +60,39 @@ def read_jsonl(path: str, required: dict[str, type | tuple]) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A task as the loop sees it.  `load(split)` returns records with at least
-  id, prompt, solution ("" if none) and answer; `verifier` scores completions."""
+  """A task as the loop sees it.
+
+  `read(split, data_dir, options)` returns records with at least id, problem,
+  solution ("" if none) and answer; `load(split)` adds each record's `prompt`,
+  made by `prompt`: a template filled from the record's fields
+  ("{problem}=") or a function of the record.  `verifier(record, completion)`
+  scores completions.
+  """
   name: str
   splits: tuple
-  load: Callable[[str], list[dict]]
+  read: Callable[[str, str, Any], list[dict]]
   verifier: object
+  prompt: str | Callable[[dict], str] = "{problem}"
+  data_dir: str = ""  # "" = $RESTEM_DATA_DIR or ../shared/data
+  options: Any = None  # the task's own knobs (arith: ArithConfig; apps: difficulties)
   stop: str = ""  # text after which a completion is cut (besides EOS)
   step_checker: Callable | None = None  # solution -> [bool per step], where steps are checkable
 
+  def format_prompt(self, record: dict) -> str:
+    if callable(self.prompt):
+      return self.prompt(record)
+    try:
+      return self.prompt.format(**record)
+    except KeyError as e:
+      raise ValueError(f"task {self.name}: prompt template {self.prompt!r} names field {e}, "
+                       f"which its records lack (fields: {sorted(record)})") from None
 
-TASKS: dict[str, Task] = {}
-
-
-def register(task: Task, vocabulary_fn=None) -> Task:
-  """Adds the task to our registry and, when seqio is importable, as a seqio Task
-  with features inputs (the prompt) and targets (the reference solution)."""
-  TASKS[task.name] = task
-  try:
-    import seqio
-  except ImportError:  # the accelerator image may lack TensorFlow/seqio
-    return task
-  if task.name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(task.name)
-  seqio.TaskRegistry.add(
-      task.name,
-      source=seqio.FunctionDataSource(_dataset_fn(task), splits=task.splits),
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-      output_features=seqio_features(vocabulary_fn),
-      metric_fns=[])
-  return task
+  def load(self, split: str) -> list[dict]:
+    if split not in self.splits:
+      raise KeyError(f"{self.name}: unknown split {split!r}; splits: {list(self.splits)}")
+    return _load(self, split, resolve_data_dir(self.data_dir))
 
 
-def seqio_features(vocabulary_fn=None):
-  import seqio
-  vocab = vocabulary_fn() if vocabulary_fn else seqio.ByteVocabulary()
-  return {"inputs": seqio.Feature(vocab, add_eos=False),
-          "targets": seqio.Feature(vocab, add_eos=True)}
-
-
-def _dataset_fn(task: Task):
-  def fn(split, shuffle_files=False, seed=None):
-    import tensorflow as tf
-    rows = task.load(split)
-    return tf.data.Dataset.from_tensor_slices({
-        "inputs": [r["prompt"] for r in rows],
-        "targets": [r.get("solution") or "" for r in rows],
-        "answer": [str(r.get("answer", "")) for r in rows],
-        "id": [str(r["id"]) for r in rows]})
-  return fn
-
-
-def register_jsonl(name: str, path: str, vocabulary_fn=None) -> None:
-  """A seqio task over a JSONL file of {prompt, completion, reward} rows (the
-  kept samples of an E-step), split 'train'."""
-  import seqio
-
-  def fn(split, shuffle_files=False, seed=None):
-    import tensorflow as tf
-    rows = read_jsonl(path, {"prompt": str, "completion": str})
-    return tf.data.Dataset.from_tensor_slices({
-        "inputs": [r["prompt"] for r in rows], "targets": [r["completion"] for r in rows],
-        "reward": [float(r.get("reward", 1.0)) for r in rows], "id": [str(r.get("id", "")) for r in rows]})
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(fn, splits=("train",)),
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-      output_features=seqio_features(vocabulary_fn), metric_fns=[])
-
-
-def get(name: str) -> Task:
-  import tasks  # noqa: F401  (registers every module)
-  if name not in TASKS:
-    raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-  return TASKS[name]
+@functools.lru_cache(maxsize=64)
+def _load(task: Task, split: str, data_dir: str) -> list[dict]:
+  return [dict(r, prompt=task.format_prompt(r)) for r in task.read(split, data_dir, task.options)]

@@ -9,18 +9,12 @@ from tasks import common
 
 
 @functools.lru_cache(maxsize=None)
-def _read(data_dir: str):
-  rows = common.read_jsonl(common.data_path("humaneval", "HumanEval.jsonl.gz"),
+def read(split: str, data_dir: str, options=None) -> list[dict]:
+  rows = common.read_jsonl(common.data_path(data_dir, "humaneval", "HumanEval.jsonl.gz"),
                            {"task_id": str, "prompt": str, "test": str, "entry_point": str})
-  return [dict(id=r["task_id"], prompt=r["prompt"], solution=r.get("canonical_solution", ""),
+  return [dict(id=r["task_id"], problem=r["prompt"], solution=r.get("canonical_solution", ""),
                answer="", test=r["test"], entry_point=r["entry_point"]) for r in rows]
 
 
-def load(split: str) -> list[dict]:
-  if split != "test":
-    raise KeyError(f"humaneval: only a 'test' split (got {split!r})")
-  return _read(common.data_dir())
-
-
-TASK = common.register(common.Task("humaneval", ("test",), load, HumanEvalVerifier(),
-                                   stop="\ndef "))
+TASK = common.Task("humaneval", ("test",), read, HumanEvalVerifier(), prompt="{problem}",
+                   stop="\ndef ")

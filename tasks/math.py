@@ -14,22 +14,18 @@ NUM_VALIDATION = 500
 
 
 @functools.lru_cache(maxsize=None)
-def _read(name: str, data_dir: str, prompt: str):
-  rows = common.read_jsonl(common.data_path("math", name), FIELDS)
-  return [dict(id=r.get("unique_id", f"math/{name}/{i}"), prompt=prompt.format(problem=r["problem"]),
-               problem=r["problem"], solution=r["solution"], answer=r["answer"],
-               subject=r.get("subject"), level=r.get("level")) for i, r in enumerate(rows)]
+def _read(name: str, data_dir: str):
+  path = common.data_path(data_dir, "math", name)
+  return [dict(id=r.get("unique_id", f"math/{name}/{i}"), problem=r["problem"],
+               solution=r["solution"], answer=r["answer"], subject=r.get("subject"),
+               level=r.get("level")) for i, r in enumerate(common.read_jsonl(path, FIELDS))]
 
 
-def load(split: str) -> list[dict]:
+def read(split: str, data_dir: str, options=None) -> list[dict]:
   if split == "test":
-    return _read("test.jsonl", common.data_dir(), common.template("math", PROMPT))
-  rows = _read("train.jsonl", common.data_dir(), common.template("math", PROMPT))
-  if split == "train":
-    return rows[NUM_VALIDATION:]
-  if split == "validation":
-    return rows[:NUM_VALIDATION]
-  raise KeyError(f"math: unknown split {split!r} (train, validation, test)")
+    return _read("test.jsonl", data_dir)
+  rows = _read("train.jsonl", data_dir)
+  return rows[NUM_VALIDATION:] if split == "train" else rows[:NUM_VALIDATION]
 
 
-TASK = common.register(common.Task("math", ("train", "validation", "test"), load, MathVerifier()))
+TASK = common.Task("math", ("train", "validation", "test"), read, MathVerifier(), prompt=PROMPT)

@@ -20,3 +20,22 @@ def shared_data():
   if not os.path.isdir(SHARED_DATA):
     pytest.fail(f"shared data folder not found at {SHARED_DATA} (set RESTEM_DATA_DIR)")
   return SHARED_DATA
+
+
+def make_bpe_vocab(folder):
+  """A real byte-level BPE tokenizer (tokenizers), trained here on a little text."""
+  import json
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from restem_jax import vocab
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the answer is 42", "1+2=3 and 3*4=12", "```python\nprint(1)\n```"] * 50,
+                          trainer)
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "</s>"}, f)
+  return vocab.HFTokenizerVocabulary(str(folder))

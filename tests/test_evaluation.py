@@ -1,4 +1,5 @@
 """pass@k and maj@k against brute-force enumeration."""
+import dataclasses
 import itertools
 import math
 
@@ -46,3 +47,15 @@ def test_majority_hand_cases():
   assert evaluation.majority_at_k(["a", "b", "b"], [True, False, False], 3) == 0.0
   assert evaluation.majority_at_k(["a", "b"], [True, False], 2) == 0.5  # a tie splits the credit
   assert evaluation.majority_at_k([None, None], [False, False], 1) == 0.0
+
+
+def test_score_reads_majority_keys_from_the_typed_answers():
+  from test_rollouts import _fake
+  r = _fake(np.array([[1, 0, 0], [0, 0, 1]]), [[[4], [5], [6]], [[4], [5], [6]]])
+  r = dataclasses.replace(r, answers=np.array([["7", "8", "7"], ["1", "1", "2"]]))
+  summary, rows = evaluation.score(r, ks=(1, 3))
+  assert rows[0]["maj@3"] == 1.0 and rows[1]["maj@3"] == 0.0  # "7" wins (right); "1" wins (wrong)
+  assert summary["pass@3"] == 1.0 and summary["pass@1"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+  assert summary["statuses"] == {"passed": 2, "wrong_answer": 4}
+  with pytest.raises(ValueError, match="not verified"):
+    evaluation.score(dataclasses.replace(r, rewards=np.full((2, 3), np.nan, np.float32)))

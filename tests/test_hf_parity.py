@@ -63,7 +63,7 @@ def test_greedy_generation_matches(tiny):
   with torch.no_grad():
     ref = hf_model.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False,
                             min_new_tokens=32).numpy()[0, 7:]
-  out = sampling.sample(cfg, params, [list(prompt[0])], max_new_tokens=32, temperature=0.0,
+  out = sampling.sample(cfg, params, [list(prompt[0])], sampling.SamplingConfig(max_new_tokens=32),
                         eos_id=-1, batch_size=1)
   np.testing.assert_array_equal(out.tokens[0, 0], ref)
 

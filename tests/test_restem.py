@@ -6,7 +6,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+
+from restem_jax.sampling import SamplingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "gin", "restem_arith_tiny.gin")
@@ -61,7 +64,7 @@ def test_tiny_run_writes_everything(uninterrupted):
     assert key in it, key
   assert summary["baseline"]["test_pass_at_1"] > 0  # the SFT model learned something
   for name in ("report.md", "train_vs_test.png", "pass_at_k.png", "metrics.jsonl",
-               "operative_config.gin", "iter_1/samples.jsonl", "iter_1/kept.jsonl"):
+               "operative_config.gin", "iter_1/rollouts/batch_00000.npz", "iter_1/kept.jsonl"):
     assert os.path.exists(os.path.join(run_dir, name)), name
   assert os.listdir(os.path.join(run_dir, "tensorboard"))
   with open(os.path.join(run_dir, "iter_1", "kept.jsonl")) as f:
@@ -70,8 +73,10 @@ def test_tiny_run_writes_everything(uninterrupted):
   per_problem = {}
   for k in kept:
     assert k["reward"] == 1.0
+    assert bytes(t - 3 for t in k["completion_ids"]).decode() == k["completion"]  # ids are the text's
     per_problem.setdefault(k["id"], []).append(k["completion"])
   assert all(len(v) == len(set(v)) <= 2 for v in per_problem.values())  # distinct, <= max_per_problem
+  assert it["seqio_task"] == "arith_restem_iter1"
 
 
 def _kill_when(run_dir, ready, timeout=300):
@@ -97,11 +102,12 @@ def _kill_when(run_dir, ready, timeout=300):
 def test_killed_during_e_step_and_m_step_resumes_to_same_result(uninterrupted, tmp_path):
   _, want = uninterrupted
   run_dir = str(tmp_path / "run")
-  samples = os.path.join(run_dir, "iter_1", "samples.jsonl")
+  batches = os.path.join(run_dir, "iter_1", "rollouts")
   kept = os.path.join(run_dir, "iter_1", "kept.jsonl")
 
   def in_e_step():
-    return os.path.exists(samples) and os.path.getsize(samples) > 0 and not os.path.exists(kept)
+    return os.path.isdir(batches) and any(f.endswith(".npz") for f in os.listdir(batches)) \
+        and not os.path.exists(kept)
   assert _kill_when(run_dir, in_e_step), "the run ended before the E-step could be interrupted"
   assert not os.path.exists(kept)
   ckpts = os.path.join(run_dir, "iter_1", "train", "checkpoints")
@@ -112,9 +118,11 @@ def test_killed_during_e_step_and_m_step_resumes_to_same_result(uninterrupted, t
   assert _kill_when(run_dir, in_m_step), "the run ended before the M-step could be interrupted"
   got = _run(run_dir)
   assert _strip_times(got) == _strip_times(want)
-  with open(samples) as f:
-    batches = [json.loads(line)["batch"] for line in f]
-  assert batches == list(range(len(batches)))  # no batch lost or duplicated
+  from restem_jax import rollouts
+  files = sorted(f for f in os.listdir(batches) if f.endswith(".npz"))
+  assert files == [f"batch_{b:05d}.npz" for b in range(len(files))]
+  ids = np.concatenate([rollouts.load(os.path.join(batches, f)).problem_ids for f in files]).tolist()
+  assert ids == [f"arith/pool/{i}" for i in range(192)]  # every problem once: none lost or duplicated
 
 
 def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
@@ -122,9 +130,8 @@ def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
   run_dir, summary = uninterrupted
   monkeypatch.chdir(run_dir)  # a relative checkpoint path
   cfg = model.ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
-  df = evaluation.evaluate(os.path.join("iter_1", "train", "best"), "arith", model=cfg,
-                           split="test", limit=24, num_samples=4, temperature=1.0, ks=(1, 4),
-                           max_new_tokens=40)
+  df = evaluation.evaluate(os.path.join("iter_1", "train"), "arith", model=cfg, split="test", limit=24,
+                           sc=SamplingConfig(num_samples=4, temperature=1.0, max_new_tokens=40), ks=(1, 4))
   assert len(df) == 24 and {"id", "greedy_correct", "pass@1", "pass@4", "completion"} <= set(df.columns)
   s = df.attrs["summary"]
   assert s["greedy_pass@1"] == df["greedy_correct"].mean()
@@ -158,3 +165,33 @@ def test_paths_made_absolute_and_uris_untouched(tmp_path, monkeypatch):
   assert absolute("runs/a") == str(tmp_path / "runs" / "a")
   assert absolute("gs://bucket/runs/a") == "gs://bucket/runs/a"
   assert absolute("") == ""
+
+
+NO_TF = """
+import sys
+for name in ("tensorflow", "seqio", "tensorflow_datasets"):
+  sys.modules[name] = None  # as if not installed: import fails, importlib.util.find_spec gives None
+sys.path.insert(0, sys.argv[1])
+import tasks
+from restem_jax import restem, model, training, sampling
+from tasks import arith
+sizes = (("human", 64), ("pool", 32), ("validation", 16), ("test", 16), ("test_ood", 8))
+task = tasks.get("arith", options=arith.ArithConfig(sizes=sizes))
+cfg = restem.RestemConfig(num_iterations=1, sampling=sampling.SamplingConfig(num_samples=2, temperature=1.0,
+                          max_new_tokens=24), eval_sampling=sampling.SamplingConfig(num_samples=2,
+                          temperature=1.0, max_new_tokens=24), pass_k=(1, 2), sample_batch_size=16,
+                          max_len=48, train_eval_size=16, workers=1, include_human_data=True)
+tc = training.TrainConfig(total_steps=8, warmup_steps=1, batch_size=8, eval_every=8, checkpoint_every=8)
+s = restem.run(sys.argv[2], cfg, model.ModelConfig(d_model=32, num_layers=1, mlp_dim=64), tc, tc,
+               task=task, transfer=[(task, "test_ood")])
+assert sys.modules["tensorflow"] is None and sys.modules["seqio"] is None
+print("iterations", len(s["iterations"]), "seqio_task", s["iterations"][0]["seqio_task"])
+"""
+
+
+def test_loop_runs_without_tensorflow(tmp_path):
+  """The accelerator image has jax but no TensorFlow/seqio: model, sampler, trainer and loop run there."""
+  r = subprocess.run([sys.executable, "-c", NO_TF, ROOT, str(tmp_path / "run")], env=_env(),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "iterations 1 seqio_task None" in r.stdout

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from restem_jax import model, partitioning, sampling
+from restem_jax.sampling import SamplingConfig as SC
 
 CFG = model.ModelConfig(vocab_size=61, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         mlp_dim=128, init_std=0.3)
@@ -46,7 +47,7 @@ def test_kv_cache_matches_full_forward(params):
 
 def test_temperature_zero_is_greedy(params):
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-  out = sampling.sample(CFG, params, prompts, num_samples=3, max_new_tokens=10, temperature=0.0,
+  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=10, temperature=0.0),
                         eos_id=-1, rng=3, batch_size=2)
   for i, pr in enumerate(prompts):
     seq = list(pr) + [0] * 10
@@ -85,9 +86,9 @@ def test_sampling_frequencies_match_softmax():
 def test_eos_stops_and_pads(params):
   # Force EOS: the greedy first token of each prompt is used as the EOS id.
   prompts = [[5, 6, 7], [20, 21]]
-  greedy = sampling.sample(CFG, params, prompts, max_new_tokens=6, eos_id=-1, batch_size=2)
+  greedy = sampling.sample(CFG, params, prompts, SC(max_new_tokens=6), eos_id=-1, batch_size=2)
   eos = int(greedy.tokens[0, 0, 2])
-  out = sampling.sample(CFG, params, prompts, max_new_tokens=6, eos_id=eos, batch_size=2)
+  out = sampling.sample(CFG, params, prompts, SC(max_new_tokens=6), eos_id=eos, batch_size=2)
   for i in range(2):
     toks, n = out.tokens[i, 0], out.lengths[i, 0]
     ref = list(greedy.tokens[i, 0])
@@ -104,10 +105,11 @@ def test_sampling_on_mesh_matches_single_device(params):
       jax.eval_shape(lambda r: model.init_params(CFG, r), jax.random.key(0)), mesh)
   sharded = jax.device_put(params, shardings)
   prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
-  kw = dict(num_samples=2, max_new_tokens=8, temperature=0.8, top_k=10, eos_id=-1, rng=7, batch_size=4)
-  a = sampling.sample(CFG, params, prompts, **kw)
+  sc = SC(num_samples=2, max_new_tokens=8, temperature=0.8, top_k=10)
+  kw = dict(eos_id=-1, rng=7, batch_size=4)
+  a = sampling.sample(CFG, params, prompts, sc, **kw)
   with jax.set_mesh(mesh):
-    b = sampling.sample(CFG, sharded, prompts, mesh=mesh, **kw)
+    b = sampling.sample(CFG, sharded, prompts, sc, mesh=mesh, **kw)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
@@ -121,3 +123,10 @@ def test_top_k_frequencies_match_renormalised_softmax():
   kept = np.array([0, 1, 5])
   p = np.exp(np.asarray(logits[0], np.float64)[kept]); p /= p.sum()
   assert stats.chisquare(counts[kept], p * 20000).pvalue > 0.001
+
+
+def test_sampling_config_rejects_bad_values():
+  for bad in (dict(num_samples=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),
+              dict(max_new_tokens=0)):
+    with pytest.raises(ValueError, match="SamplingConfig"):
+      SC(**bad)

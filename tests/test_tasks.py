@@ -1,17 +1,17 @@
-"""Tasks: the built-in arith generator, seqio registration, real data, bad input."""
+"""Tasks as values: the built-in arith generator, real data, bad input, prompts."""
+import dataclasses
 import json
 
 import pytest
-import seqio
 
 import tasks
-from tasks import arith, common
+from tasks import arith
 
 
 def test_arith_is_deterministic_and_splits_are_disjoint():
   a = {s: tasks.get("arith").load(s) for s in arith.TASK.splits}
-  arith.configure(arith.ArithConfig())
-  b = {s: tasks.get("arith").load(s) for s in arith.TASK.splits}
+  arith._all_splits.cache_clear()
+  b = {s: tasks.get("arith", options=arith.ArithConfig()).load(s) for s in arith.TASK.splits}
   assert a == b
   seen = {}
   for split, rows in a.items():
@@ -41,24 +41,10 @@ def test_arith_solutions_are_checkable_and_graded_correct():
 def test_arith_difficulty_knobs():
   cfg = arith.ArithConfig(min_ops=1, max_ops=1, ood_ops=2, max_operand=5, max_value=30,
                           sizes=(("human", 10), ("pool", 10), ("validation", 5), ("test", 5), ("test_ood", 5)))
-  arith.configure(cfg)
-  try:
-    rows = tasks.get("arith").load("pool")
-    assert len(rows) == 10 and all(r["num_ops"] == 1 for r in rows)
-    assert all(0 <= int(r["answer"]) <= 30 for r in rows)
-  finally:
-    arith.configure(arith.ArithConfig())
-
-
-def test_seqio_task_produces_tokenized_examples():
-  task = seqio.get_mixture_or_task("arith")
-  seqio.test_utils.assert_dataset(
-      task.get_dataset(split="test", sequence_length={"inputs": 16, "targets": 48}, shuffle=False).take(1),
-      {"inputs_pretokenized": tasks.get("arith").load("test")[0]["prompt"].encode(),
-       "inputs": [b + 3 for b in tasks.get("arith").load("test")[0]["prompt"].encode()],
-       "targets_pretokenized": b"", "targets": [1],
-       "answer": tasks.get("arith").load("test")[0]["answer"].encode(),
-       "id": b"arith/test/0"})
+  rows = tasks.get("arith", options=cfg).load("pool")
+  assert len(rows) == 10 and all(r["num_ops"] == 1 for r in rows)
+  assert all(0 <= int(r["answer"]) <= 30 for r in rows)
+  assert len(tasks.get("arith").load("pool")) == 3000  # the default task is untouched
 
 
 def test_real_data_tasks_load(shared_data):
@@ -73,39 +59,36 @@ def test_real_data_tasks_load(shared_data):
 
 
 def test_bad_files_name_file_line_and_field(tmp_path):
-  common.set_data_dir(str(tmp_path))
-  try:
-    (tmp_path / "math").mkdir()
-    (tmp_path / "math" / "test.jsonl").write_text(
-        json.dumps({"problem": "1+1", "solution": "2", "answer": "2"}) + "\n" +
-        json.dumps({"problem": "2+2", "solution": "4"}) + "\n")
-    with pytest.raises(ValueError, match=r"test.jsonl:2: missing field 'answer'"):
-      tasks.get("math").load("test")
-    (tmp_path / "gsm8k").mkdir()
-    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"test.jsonl:2: invalid JSON"):
-      tasks.get("gsm8k").load("test")
-    with pytest.raises(FileNotFoundError, match="humaneval"):
-      tasks.get("humaneval").load("test")
-  finally:
-    common.set_data_dir(None)
-    tasks.math._read.cache_clear()
-    tasks.gsm8k._read.cache_clear()
+  (tmp_path / "math").mkdir()
+  (tmp_path / "math" / "test.jsonl").write_text(
+      json.dumps({"problem": "1+1", "solution": "2", "answer": "2"}) + "\n" +
+      json.dumps({"problem": "2+2", "solution": "4"}) + "\n")
+  with pytest.raises(ValueError, match=r"test.jsonl:2: missing field 'answer'"):
+    tasks.get("math", data_dir=str(tmp_path)).load("test")
+  (tmp_path / "gsm8k").mkdir()
+  (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
+  with pytest.raises(ValueError, match=r"test.jsonl:2: invalid JSON"):
+    tasks.get("gsm8k", data_dir=str(tmp_path)).load("test")
+  with pytest.raises(FileNotFoundError, match="humaneval"):
+    tasks.get("humaneval", data_dir=str(tmp_path)).load("test")
+  with pytest.raises(KeyError, match="unknown split 'dev'"):
+    tasks.get("math").load("dev")
+  with pytest.raises(ValueError, match="unknown difficulties"):
+    tasks.get("apps", options=("easy",)).load("test")
 
 
-def test_prompt_templates_are_configurable():
-  common.set_prompt("arith", "Q: {problem}\nA: ")
-  try:
-    assert tasks.get("arith").load("test")[0]["prompt"].startswith("Q: ")
-  finally:
-    common.set_prompt("arith", None)
-  assert tasks.get("arith").load("test")[0]["prompt"].endswith("=")
+def test_prompts_are_task_values(shared_data):
+  custom = tasks.get("arith", prompt="Q: {problem}\nA: ")
+  assert custom.load("test")[0]["prompt"].startswith("Q: ")
+  assert tasks.get("arith").load("test")[0]["prompt"].endswith("=")  # the default is untouched
+  with pytest.raises(ValueError, match="names field 'question'"):
+    tasks.get("gsm8k", prompt="{question}").load("test")
+  chat = dataclasses.replace(tasks.get("gsm8k"), prompt=lambda r: f"<user>{r['problem']}</user>")
+  assert chat.load("test")[0]["prompt"].startswith("<user>Janet")
 
 
-def test_kept_samples_load_as_a_seqio_task(tmp_path):
-  path = tmp_path / "kept.jsonl"
-  path.write_text(json.dumps({"id": "a", "prompt": "1+2=", "completion": "1+2=3\n#### 3", "reward": 1.0}) + "\n")
-  common.register_jsonl("test_kept", str(path))
-  ex = next(iter(seqio.get_mixture_or_task("test_kept").get_dataset(
-      split="train", sequence_length={"inputs": 8, "targets": 16}, shuffle=False).as_numpy_iterator()))
-  assert ex["targets_pretokenized"] == b"1+2=3\n#### 3" and ex["reward"] == 1.0
+def test_apps_difficulty_filter(shared_data):
+  intro = tasks.get("apps", options=("introductory",))
+  rows = intro.load("train") + intro.load("test")
+  assert rows and all(r["difficulty"] == "introductory" for r in rows)
+  assert len(rows) < len(tasks.get("apps").load("train") + tasks.get("apps").load("test"))

@@ -1,16 +1,21 @@
 """Sharded training equals single-device, checkpoints resume exactly, the model learns."""
+import functools
 import os
 import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from restem_jax import checkpoints, model, partitioning, sampling, training
 
 CFG = model.ModelConfig(vocab_size=61, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         mlp_dim=128)
+INIT = functools.partial(model.init_params, CFG)
+NLL = training.nll_loss(CFG)
 
 
 def make_data(n=16, length=20, seed=0, prompt=6):
@@ -29,10 +34,10 @@ def test_sharded_step_equals_single_device():
   for shape in [(1, 1, 1), (2, 2, 2)]:
     mesh = partitioning.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
     with jax.set_mesh(mesh):
-      state, shardings = training.create_state(CFG, tc, mesh)
-      ev = training.jit_eval_step(CFG, mesh, shardings.params)
+      state, shardings = training.create_state(INIT, tc, mesh)
+      ev = training.jit_eval_step(NLL, mesh, shardings.params)
       loss = np.asarray(ev(state.params, batch))
-      state, metrics = training.jit_train_step(CFG, tc, mesh, shardings)(state, batch)
+      state, metrics = training.jit_train_step(NLL, tc, mesh, shardings)(state, batch)
       results.append((loss, jax.device_get(state.params), jax.device_get(metrics), state))
   (l1, p1, m1, _), (l8, p8, m8, s8) = results
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
@@ -49,20 +54,20 @@ def test_zero_reward_gives_no_gradient():
   tc = training.TrainConfig(batch_size=8, warmup_steps=1)
   mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   data = make_data(8)
-  state, sh = training.create_state(CFG, tc, mesh)
-  step = training.jit_train_step(CFG, tc, mesh, sh)
+  state, sh = training.create_state(INIT, tc, mesh)
+  step = training.jit_train_step(NLL, tc, mesh, sh)
   half = dict(data, reward=np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32))
   changed = dict(half, tokens=half["tokens"].copy())
   changed["tokens"][4:] = np.random.RandomState(9).randint(3, 61, changed["tokens"][4:].shape)
   p0 = jax.device_get(state.params)
-  s_a, m_a = step(training.create_state(CFG, tc, mesh, params=p0)[0], half)
-  s_b, m_b = step(training.create_state(CFG, tc, mesh, params=p0)[0], changed)
+  s_a, m_a = step(training.create_state(INIT, tc, mesh, params=p0)[0], half)
+  s_b, m_b = step(training.create_state(INIT, tc, mesh, params=p0)[0], changed)
   np.testing.assert_allclose(m_a["grad_norm"], m_b["grad_norm"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), s_a.params, s_b.params)
   only4 = {k: v[:4] for k, v in half.items()}
-  ev = training.jit_eval_step(CFG, mesh, sh.params)
+  ev = training.jit_eval_step(NLL, mesh, sh.params)
   a = np.asarray(ev(p0, half))
-  np.testing.assert_allclose(a, np.asarray(training.eval_step(p0, only4, cfg=CFG, rules=())), rtol=1e-5)
+  np.testing.assert_allclose(a, np.asarray(training.eval_step(p0, only4, loss_fn=NLL, rules=())), rtol=1e-5)
 
 
 def test_checkpoint_roundtrip_and_identical_next_step(tmp_path):
@@ -70,15 +75,14 @@ def test_checkpoint_roundtrip_and_identical_next_step(tmp_path):
   mesh = partitioning.make_mesh((2, 2, 2))
   data = make_data()
   with jax.set_mesh(mesh):
-    state, sh = training.create_state(CFG, tc, mesh)
-    step = training.jit_train_step(CFG, tc, mesh, sh)
+    state, sh = training.create_state(INIT, tc, mesh)
+    step = training.jit_train_step(NLL, tc, mesh, sh)
     for i in range(3):
       state, _ = step(state, training.batch_for_step(data, i, 8, 0))
     mngr = checkpoints.manager(str(tmp_path / "ckpt"))
-    checkpoints.save(mngr, 3, state, {"note": "x"})
-    fresh, _ = training.create_state(CFG, tc, mesh, rng=jax.random.key(5))
-    restored, meta = checkpoints.restore(mngr, 3, fresh)
-    assert meta == {"note": "x"}
+    checkpoints.save(mngr, 3, training.state_items(state))
+    fresh, _ = training.create_state(INIT, tc, mesh, rng=jax.random.key(5))
+    restored = training.state_from_items(checkpoints.restore(mngr, 3, training.state_items(fresh)))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(state), jax.device_get(restored))
     assert restored.params["embed"].sharding == state.params["embed"].sharding
     batch = training.batch_for_step(data, 3, 8, 0)
@@ -129,8 +133,49 @@ def test_learns_memorised_answers_and_only_rewarded_ones(tmp_path):
   params, _, _ = training.train(CFG, tc, data, str(tmp_path), partitioning.make_mesh(),
                                 log=history.append)
   assert history[-1]["loss"] < 0.05
-  out = sampling.sample(CFG, params, [list(t[:6]) for t in data["tokens"]], max_new_tokens=12,
-                        eos_id=1, batch_size=16)
+  out = sampling.sample(CFG, params, [list(t[:6]) for t in data["tokens"]],
+                        sampling.SamplingConfig(max_new_tokens=12), eos_id=1, batch_size=16)
   match = (out.tokens[:, 0, :12] == data["tokens"][:, 6:]).all(1)
   assert match[:8].all(), match
   assert not match[8:].any(), match
+
+
+def test_keeps_best_step_by_validation_with_orbax_best_fn(tmp_path):
+  """Scores 0.3, 0.9, 0.5 at steps 4, 8, 12: step 8 is returned and kept beside the latest."""
+  tc = training.TrainConfig(batch_size=8, warmup_steps=1, total_steps=12, eval_every=4,
+                            checkpoint_every=2, keep_checkpoints=1)
+  scores = iter([0.3, 0.9, 0.5])
+  seen = []
+
+  def validate(params):
+    seen.append(np.asarray(params["embed"]).copy())
+    return next(scores)
+  params, score, state = training.train(CFG, tc, make_data(), str(tmp_path), partitioning.make_mesh(),
+                                        validate=validate)
+  assert score == 0.9 and int(state.step) == 12
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "8"]
+  np.testing.assert_array_equal(np.asarray(params["embed"]), seen[1])
+  assert not np.array_equal(np.asarray(state.params["embed"]), seen[1])
+
+
+def test_train_takes_any_loss_and_init(tmp_path):
+  """A scalar head on mean token embeddings regresses the reward: the reward-model pattern."""
+  def init_fn(rng):
+    return {"lm": model.init_params(CFG, rng),
+            "head": nn.LogicallyPartitioned(jnp.zeros((CFG.d_model,)), ("embed",))}
+
+  def loss_fn(params, batch):
+    x_BxD = params["lm"]["embed"][batch["tokens"]].mean(1)
+    err_B = x_BxD @ params["head"] - batch["reward"]
+    return jnp.sum(err_B ** 2), jnp.float32(err_B.shape[0]), {"abs_err": jnp.sum(jnp.abs(err_B))}
+
+  data = make_data(16)
+  data["reward"] = (np.arange(16) % 2).astype(np.float32)
+  tc = training.TrainConfig(batch_size=8, warmup_steps=5, total_steps=150, learning_rate=1e-2,
+                            checkpoint_every=1000, log_every=10)
+  history = []
+  params, _, state = training.train(CFG, tc, data, str(tmp_path), partitioning.make_mesh((2, 2, 2)),
+                                    loss_fn=loss_fn, init_fn=init_fn, log=history.append)
+  assert set(params) == {"lm", "head"} and "abs_err" in history[-1]
+  assert history[0]["loss"] > 0.2 and history[-1]["loss"] < 0.05, (history[0], history[-1])
+  assert state.params["head"].sharding.spec == jax.sharding.PartitionSpec("fsdp")

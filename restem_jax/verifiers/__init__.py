@@ -28,7 +28,8 @@ import numpy as np
 class Result:
   reward: float
   status: str  # "passed", "wrong_answer", "no_answer", "timeout", ...
-  detail: str = ""
+  detail: str = ""  # for people: the answer as written, test cases passed, an error
+  answer: str | None = None  # the normalised final answer (the majority-vote key), if any
 
 
 Verifier = Callable[[dict, str], Result]
@@ -46,7 +47,7 @@ class MathVerifier:
     if given is None:
       return Result(0.0, "no_answer")
     ok = vm.is_equivalent(given, str(problem[self.answer_key]), self.timeout_s)
-    return Result(float(ok), "passed" if ok else "wrong_answer", given[:100])
+    return Result(float(ok), "passed" if ok else "wrong_answer", given[:100], vm.normalize(given))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ class HumanEvalVerifier:
 
   def __call__(self, problem: dict, completion: str) -> Result:
     from restem_jax.verifiers import code
-    v = code.run_humaneval(problem["prompt"] + completion, problem["test"], problem["entry_point"],
+    head = problem["problem"] if "problem" in problem else problem["prompt"]  # the signature + docstring
+    v = code.run_humaneval(head + completion, problem["test"], problem["entry_point"],
                            self.timeout_s)
     return Result(float(v.passed), v.status)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections import Counter
 from fractions import Fraction
 
 from restem_jax.verifiers import latex_eval, symbolic
@@ -319,11 +318,3 @@ def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 5.0) -
 def grade(response: str, gold: str, timeout_s: float = 5.0) -> float:
   """1.0 if the response's final answer equals `gold`, else 0.0."""
   return 1.0 if is_equivalent(extract_answer(response), gold, timeout_s) else 0.0
-
-
-def majority_answer(answers: list[str | None]) -> str | None:
-  """Most frequent answer, grouping by normalised string (ties: first seen)."""
-  keys = [normalize(a) for a in answers if a is not None]
-  if not keys:
-    return None
-  return Counter(keys).most_common(1)[0][0]

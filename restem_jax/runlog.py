@@ -1,0 +1,59 @@
+"""A run's log: metrics.jsonl + TensorBoard, the wall time across restarts,
+and atomic JSON files for the stages' results."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+class RunLog:
+  """Appends rows to `run_dir/metrics.jsonl` (and TensorBoard when tensorboardX
+  is installed); `wall_time()` counts the time of earlier, interrupted runs too."""
+
+  def __init__(self, run_dir: str):
+    os.makedirs(run_dir, exist_ok=True)
+    self.run_dir = run_dir
+    self._progress = os.path.join(run_dir, "progress.json")
+    self._before = read_json(self._progress)["wall_time_s"] if os.path.exists(self._progress) else 0.0
+    self._t0 = time.time()
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    except ImportError:
+      self._tb = None
+
+  def wall_time(self) -> float:
+    return self._before + time.time() - self._t0
+
+  def mark(self, stage: str) -> None:
+    write_json(self._progress, {"wall_time_s": self.wall_time(), "stage": stage})
+
+  def __call__(self, stage: str, metrics: dict, step: int | None = None) -> None:
+    row = dict(stage=stage, time=round(self.wall_time(), 2), **({"step": step} if step is not None else {}),
+               **metrics)
+    with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f"{stage}/{k}", v, step or 0)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
