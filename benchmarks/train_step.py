@@ -4,7 +4,9 @@ The ~20M-parameter Llama config of benchmarks/sampler.py, batch 16 x 256
 tokens, against the float32 matmul peak measured with jax in the same run
 (best of several large square matmuls).  MFU counts 6 * N (non-embedding
 parameters incl. the output head) + 12 * layers * d_model * seq per token.
-Usage: python benchmarks/train_step.py [--batch 16] [--seq 256] [--size 20m|1b] [--dtype float32]
+With --size smollm2: the real SmolLM2-135M-Instruct on GSM8K chat text, e.g.
+  python benchmarks/train_step.py --size smollm2 --seq 512 --batch 8 --grad_accum 2 --remat
+Usage: python benchmarks/train_step.py [--batch 16] [--seq 256] [--size 20m|1b|smollm2] [--dtype float32]
 """
 import argparse
 import functools
@@ -30,27 +32,48 @@ def matmul_peak(dtype, n: int) -> float:
   return 2 * n ** 3 / t
 
 
+def smollm2_batch(args, mesh):
+  """SmolLM2-135M-Instruct and GSM8K chat prompts + reference solutions, packed to --seq."""
+  import tasks
+  from restem_jax import gguf, hf, vocab
+  path = gguf.smollm2_path()
+  cfg, params = hf.load(path, mesh=mesh, dtype=args.dtype, remat=args.remat)
+  v = vocab.HFTokenizerVocabulary(path)
+  task = tasks.chat(tasks.get("gsm8k"), v, tasks.ChatFormat())
+  ids = [t for r in task.load("train")[:200] for t in v.encode(r["prompt"] + r["solution"]) + [v.eos_id]]
+  tokens = np.asarray(ids[:args.batch * (args.seq + 1)], np.int32).reshape(args.batch, args.seq + 1)
+  return cfg, params, dict(tokens=tokens, loss_mask=np.ones_like(tokens), reward=np.ones(args.batch, np.float32))
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--size", default="20m", choices=["20m", "1b"])
+  ap.add_argument("--size", default="20m", choices=["20m", "1b", "smollm2"],
+                  help="smollm2: the real SmolLM2-135M-Instruct (GGUF) on GSM8K chat text")
+  ap.add_argument("--grad_accum", type=int, default=1)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--steps", type=int, default=5)
   args = ap.parse_args()
-  hf_cfg = common.LLAMA_20M if args.size == "20m" else common.LLAMA_1B
-  cfg = common.our_config(hf_cfg, dtype=args.dtype, remat=args.remat)
-  tc = training.TrainConfig(batch_size=args.batch, warmup_steps=1, total_steps=1000)
   mesh = partitioning.make_mesh()
+  params = None
+  if args.size == "smollm2":
+    cfg, params, batch = smollm2_batch(args, mesh)
+  else:
+    hf_cfg = common.LLAMA_20M if args.size == "20m" else common.LLAMA_1B
+    cfg = common.our_config(hf_cfg, dtype=args.dtype, remat=args.remat)
+    rng = np.random.RandomState(0)
+    batch = dict(tokens=rng.randint(3, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32),
+                 loss_mask=np.ones((args.batch, args.seq + 1), np.int32),
+                 reward=np.ones(args.batch, np.float32))
+  tc = training.TrainConfig(batch_size=args.batch, grad_accum=args.grad_accum, warmup_steps=1,
+                            total_steps=1000)
   n_matmul = 4096 if jax.default_backend() != "cpu" else 2048
   peak = max(matmul_peak(jnp.dtype(args.dtype), n_matmul) for _ in range(2))
-  rng = np.random.RandomState(0)
-  batch = dict(tokens=rng.randint(3, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32),
-               loss_mask=np.ones((args.batch, args.seq + 1), np.int32),
-               reward=np.ones(args.batch, np.float32))
   with jax.set_mesh(mesh):
-    state, shardings = training.create_state(functools.partial(model.init_params, cfg), tc, mesh)
+    state, shardings = training.create_state(functools.partial(model.init_params, cfg), tc, mesh,
+                                             params=params)
     step = training.jit_train_step(training.nll_loss(cfg), tc, mesh, shardings)
     batch = jax.device_put(batch, training.batch_sharding(mesh))
     t0 = time.perf_counter()

@@ -149,7 +149,7 @@ def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | No
   step by validation, else its latest; `.../train` or `.../train/checkpoints`),
   or from a Hugging Face model folder."""
   path = checkpoints.absolute(path)
-  if os.path.exists(os.path.join(path, "config.json")):
+  if path.endswith(".gguf") or os.path.exists(os.path.join(path, "config.json")):
     from restem_jax import hf
     return hf.load_params(path, cfg, mesh)
   if os.path.isdir(os.path.join(path, "checkpoints")):

@@ -1,4 +1,5 @@
-"""Import Hugging Face Llama / Qwen2 / Mistral checkpoints (local folders only).
+"""Import Hugging Face Llama / Qwen2 / Mistral checkpoints (local folders, or
+.gguf files through `restem_jax.gguf`).
 
 `load_config(dir)` maps config.json onto `ModelConfig`; `load_params(dir, cfg,
 mesh)` reads safetensors (single file or sharded with an index) and places
@@ -25,15 +26,28 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
 
-def load_config(model_dir: str, dtype: str = "float32", **overrides) -> model_lib.ModelConfig:
+def is_gguf(path: str) -> bool:
+  return str(path).endswith(".gguf")
+
+
+def _read_config(model_dir: str) -> tuple[str, dict]:
+  if is_gguf(model_dir):
+    from restem_jax import gguf
+    return model_dir, gguf.config(model_dir)
   path = os.path.join(model_dir, "config.json")
   try:
     with open(path) as f:
-      hf = json.load(f)
+      return path, json.load(f)
   except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
+    raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder "
+                            "or a .gguf file)") from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def load_config(model_dir: str, dtype: str = "float32", **overrides) -> model_lib.ModelConfig:
+  """ModelConfig of a Hugging Face folder (config.json) or a .gguf file."""
+  path, hf = _read_config(model_dir)
   arch = (hf.get("architectures") or ["?"])[0]
   if arch not in SUPPORTED:
     raise ValueError(f"{path}: field 'architectures': {arch!r} is not one of {sorted(SUPPORTED)}")
@@ -88,7 +102,10 @@ class SafetensorsFile:
 
 
 def open_checkpoint(model_dir: str) -> dict[str, SafetensorsFile]:
-  """tensor name -> file holding it, for single-file or sharded checkpoints."""
+  """tensor name -> file holding it, for single-file or sharded checkpoints (or a .gguf file)."""
+  if is_gguf(model_dir):
+    from restem_jax import gguf
+    return gguf.open_checkpoint(model_dir)
   index = os.path.join(model_dir, "model.safetensors.index.json")
   if os.path.exists(index):
     with open(index) as f:
@@ -158,6 +175,6 @@ def load_params(model_dir: str, cfg: model_lib.ModelConfig, mesh=None,
 
 
 def load(model_dir: str, mesh=None, dtype: str = "float32", **overrides):
-  """(ModelConfig, params) of a local Hugging Face model folder."""
+  """(ModelConfig, params) of a local Hugging Face model folder or a .gguf file."""
   cfg = load_config(model_dir, dtype=dtype, **overrides)
   return cfg, load_params(model_dir, cfg, mesh)

@@ -43,29 +43,33 @@ def _setup(model, hf_model_dir):
   return model, vocab.HFTokenizerVocabulary(hf_model_dir)
 
 
-def _task(name, data_dir, task_options, prompt=""):
+def _task(name, data_dir, task_options, prompt="", chat=None, vocab=None):
+  """The task `name` as configured: data folder, options, prompt template, and
+  (with a ChatFormat) prompts rendered by the tokenizer's chat template."""
   import tasks
-  return tasks.get(name, data_dir=data_dir, options=dict(task_options or {}).get(name), prompt=prompt)
+  task = tasks.get(name, data_dir=data_dir, options=dict(task_options or {}).get(name), prompt=prompt)
+  return tasks.chat(task, vocab, chat) if chat is not None else task
 
 
 def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="",
-                task_options=None, prompt=""):
+                task_options=None, prompt="", chat=None):
   """ReST^EM in run_dir.  `task_options`: {task name: its options} (arith: an
-  ArithConfig; apps: difficulties); `prompt` replaces the main task's template."""
+  ArithConfig; apps: difficulties); `prompt` replaces the main task's template;
+  `chat` (a ChatFormat) renders every task's prompts with the chat template."""
   import dataclasses
   from restem_jax import restem
   from restem_jax.checkpoints import absolute
   run_dir, data_dir = absolute(run_dir), absolute(data_dir)
   config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir))
   model, vocab = _setup(model, config.hf_model_dir)
-  task = _task(config.task, data_dir, task_options, prompt)
-  transfer = [(_task(t, data_dir, task_options), s) for t, s in config.transfer]
+  task = _task(config.task, data_dir, task_options, prompt, chat, vocab)
+  transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab), s) for t, s in config.transfer]
   return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab, task=task,
                     transfer=transfer)
 
 
 def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(1,), batch_size=64,
-              limit=0, out="", data_dir="", task_options=None, hf_model_dir="", prompt=""):
+              limit=0, out="", data_dir="", task_options=None, hf_model_dir="", prompt="", chat=None):
   """Evaluates `checkpoint` (a training folder, or hf_model_dir itself when empty):
   greedy pass@1, and pass@k / maj@k of `sampling`'s samples."""
   from restem_jax import evaluation
@@ -73,7 +77,7 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
   from restem_jax.sampling import SamplingConfig
   checkpoint, out, data_dir, hf_model_dir = map(absolute, (checkpoint, out, data_dir, hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
-  df = evaluation.evaluate(checkpoint or hf_model_dir, _task(task, data_dir, task_options, prompt),
+  df = evaluation.evaluate(checkpoint or hf_model_dir, _task(task, data_dir, task_options, prompt, chat, vocab),
                            model=model, split=split, vocab=vocab, sc=sampling or SamplingConfig(),
                            ks=tuple(ks), batch_size=batch_size, limit=limit or None)
   summary = df.attrs["summary"]
@@ -95,7 +99,10 @@ def register_configurables():
   """Registers the configurable dataclasses and entry points (once per process)."""
   import gin
   from restem_jax import model, restem, sampling, training
-  from tasks import arith
+  from restem_jax import gguf
+  from tasks import arith, common
+  gin.external_configurable(gguf.smollm2_path, "smollm2_path")
+  gin.external_configurable(common.ChatFormat, "ChatFormat")
   gin.external_configurable(model.ModelConfig, "ModelConfig")
   gin.external_configurable(sampling.SamplingConfig, "SamplingConfig")
   gin.external_configurable(training.TrainConfig, "TrainConfig")

@@ -215,12 +215,13 @@ class Decoder(nn.Module):
           x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, cache_index)
       new_cache.append(layer_cache)
     x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
-    if cfg.tie_embeddings:
-      head_DxV = embed_VxD.T
+    if cfg.tie_embeddings:  # contract with the embedding as stored: no [D, V] transpose per call
+      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(x_BxLxD.dtype),
+                                preferred_element_type=jnp.float32)
     else:
       head_DxV = _param(self, "lm_head", ("embed", "vocab"), (cfg.d_model, cfg.vocab_size))
-    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(x_BxLxD.dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(x_BxLxD.dtype),
+                                preferred_element_type=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     return logits_BxLxV, (None if cache is None else new_cache)
 

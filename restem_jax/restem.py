@@ -38,6 +38,7 @@ from restem_jax.sampling import SamplingConfig
 class RestemConfig:
   task: str = "arith"
   train_split: str = "pool"  # problems the E-step samples (answers only)
+  train_limit: int = 0  # > 0: only the first N problems of train_split
   human_split: str = "human"  # SFT data for the baseline ("" = start from the given model)
   validation_split: str = "validation"
   test_split: str = "test"
@@ -225,16 +226,16 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   if human is not None:
     data = {k: np.concatenate([data[k], human[k]]) for k in data}
   if not len(data["reward"]):
-    raise ValueError(f"iteration {it}: no sample was kept (0 of {len(pool)} problems solved) and "
-                     "RestemConfig.include_human_data is off: nothing to train on; sample more "
-                     "(sampling.num_samples) or start from a stronger base")
+    logging.warning("iteration %d: no sample was kept (0 of %d problems solved): no M-step, the "
+                    "policy stays as it was; sample more or start from a stronger base", it, len(pool))
+    return policy, dict(stats, m_step_skipped=True)
   params, _ = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs)
   return params, stats
 
 
 def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: RunLog) -> dict:
   limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows  # noqa: E731
-  pool = task.load(cfg.train_split)
+  pool = task.load(cfg.train_split)[:cfg.train_limit or None]
   splits = {"train": pool[:cfg.train_eval_size], "validation": limit(task.load(cfg.validation_split)),
             "test": limit(task.load(cfg.test_split))}
   transfer = [(t, s, limit(t.load(s))) for t, s in transfer]
@@ -265,8 +266,10 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
       best_val, since_best = m["validation_pass_at_1"], 0
     else:
       since_best += 1
-    policy = params if params is not None else evaluation.load_params(
-        os.path.join(stage_dir, "train"), engine.model, engine.mesh)
+    if params is None:  # finished earlier: its best checkpoint (or, with no M-step, the policy as was)
+      params = policy if m.get("m_step_skipped") else evaluation.load_params(
+          os.path.join(stage_dir, "train"), engine.model, engine.mesh)
+    policy = params
     if since_best >= cfg.patience and it < cfg.num_iterations:
       logging.info("validation has not improved for %d iteration(s): stopping", since_best)
       rows[-1]["stopped_early"] = True

@@ -1,7 +1,8 @@
 """Batched sampling: one jitted prefill, then a `lax.while_loop` over tokens.
 
 Prompts are left-padded into fixed shape buckets (prompt length rounded up to
-a power of two, a fixed batch per call), so a long E-step compiles once.  The
+a power of two, or above 128 to a multiple of 64; a fixed batch per call), so a
+long E-step compiles a few times at most.  The
 prompt is prefilled once and its KV cache is repeated `num_samples` times,
 so samples of one prompt share the prefill.  Decoding stops when every row
 has emitted EOS or `max_new_tokens` is reached.
@@ -193,7 +194,10 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+  """Prompt length rounded up: powers of two to 128, then multiples of 64 (few
+  compiled shapes, and a 130-token chat prompt pads to 192, not 256)."""
+  p = max(minimum, 1 << max(0, (n - 1).bit_length()))
+  return p if p <= 128 else -(-n // 64) * 64
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int):

@@ -35,26 +35,46 @@ class ByteVocabulary:
 
 
 class HFTokenizerVocabulary:
-  """tokenizer.json (+ tokenizer_config.json for the EOS token) of a local folder."""
+  """tokenizer.json + tokenizer_config.json (EOS token, chat template) of a local
+  folder, or the tokenizer inside a .gguf file."""
   pad_id = 0
 
   def __init__(self, model_dir: str):
     from tokenizers import Tokenizer
-    path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder")
     self.model_dir = model_dir
-    self._tok = Tokenizer.from_file(path)
-    eos = None
-    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-    if os.path.exists(cfg_path):
-      with open(cfg_path) as f:
-        eos = json.load(f).get("eos_token")
-      if isinstance(eos, dict):
-        eos = eos.get("content")
+    if str(model_dir).endswith(".gguf"):
+      from restem_jax import gguf
+      self._tok, config, cfg_path = gguf.tokenizer(model_dir), gguf.tokenizer_config(model_dir), model_dir
+    else:
+      path = os.path.join(model_dir, "tokenizer.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder")
+      self._tok = Tokenizer.from_file(path)
+      cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+      config = {}
+      if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+          config = json.load(f)
+    eos = config.get("eos_token")
+    if isinstance(eos, dict):
+      eos = eos.get("content")
     self.eos_id = self._tok.token_to_id(eos) if eos else None
     if self.eos_id is None:
       raise ValueError(f"{cfg_path}: field 'eos_token' missing or not in the vocabulary")
+    self.chat_template = config.get("chat_template")
+    self.special_tokens = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
+                           if k.endswith("_token")}
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text of `messages` ([{"role", "content"}]) under the tokenizer's
+    chat template (jinja2, sandboxed, as transformers renders it)."""
+    if not self.chat_template:
+      raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
+    import jinja2.sandbox
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(jinja2.TemplateError(msg))
+    return env.from_string(self.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
   @property
   def vocab_size(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from tasks import apps, arith, common, gsm8k, humaneval, math  # noqa: F401  (common: tasks.common)
-from tasks.common import Task  # noqa: F401
+from tasks.common import ChatFormat, Task, chat  # noqa: F401
 
 TASKS = {t.name: t for t in (arith.TASK, math.TASK, gsm8k.TASK, apps.TASK, humaneval.TASK)}
 

