@@ -94,3 +94,29 @@ def test_prm800k_human_verified_answers_are_accepted(shared_data):
   rejected = [(r["model_answer"], r["gold_answer"]) for r in rows
               if not vm.is_equivalent(r["model_answer"], r["gold_answer"])]
   assert len(rejected) <= 1, rejected
+
+
+# Final lines of real SmolLM2-135M-Instruct samples on GSM8K (chat prompt asking for "#### <number>";
+# the lines before them shortened here),
+# with the answer each states.
+SMOLLM2_ENDINGS = [
+    ("Step 2: Add them up: 40 + 40 = 80\nThe final answer is: 80", "80"),
+    ("So she has 96 cookies left.\nThe answer is: 96", "96"),
+    ("12 + 50 = 60\nA total of 60 is the answer.\n\n12 is the answer.", "12"),
+    ("600 / 1 = 600\nThe final answer is 600.", "600"),
+    ("Therefore, 115 is the answer to the problem.", "115"),
+    ("Step 4: 75 - 0 = 75\n#### The final answer is 75", "75"),
+    ("They share it, so each pays 2000 / 10.\nThe answer is 2000:2 = $200.", "200"),
+    ("He reads 40 pages a day.\nSo, the answer is: 48.", "48"),
+    ("She earns 183 dollars.\n#### 183", "183"),
+    ("The answer is $38", "38"),
+    ("The answer is 4 hours.", "4 hours"),
+    ("So, Alexis paid $6 for the shoes.", None),  # no final answer stated: no reward
+]
+
+
+@pytest.mark.parametrize("text,want", SMOLLM2_ENDINGS)
+def test_extracts_how_an_instruct_model_ends(text, want):
+  assert vm.extract_answer(text) == want
+  if want is not None:
+    assert vm.grade(text, want.split()[0]) == 1.0

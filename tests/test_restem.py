@@ -138,7 +138,7 @@ def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
   assert s["pass@4"] >= s["pass@1"]
 
 
-@pytest.mark.parametrize("name", ["restem_arith", "restem_arith_tiny", "restem_math", "restem_apps",
+@pytest.mark.parametrize("name", ["restem_arith", "restem_arith_tiny", "restem_math", "restem_apps", "restem_gsm8k_smollm",
                                   "sft", "eval"])
 def test_gin_files_parse(name):
   import gin

@@ -64,18 +64,36 @@ def extract_answer(text: str) -> str | None:
     if ans is not None and ans.strip():
       return ans.strip()
   m = list(re.finditer(r"^####[ \t]*(\S.*?)\s*$", text, re.M))
-  if m:
-    return m[-1].group(1)
+  if m:  # "#### The final answer is 75" (instruct models) -> 75
+    return _answer_phrase(m[-1].group(1)) or m[-1].group(1)
   m = re.search(r"^#\s*Answer\s*\n+\s*(.+?)\s*$", text, re.M)
   if m:
     return m.group(1)
-  m = list(re.finditer(r"[Tt]he (?:final )?answer is[:\s]*\$?(.+?)\$?\s*(?:\.\s*$|$|\.\s+)", text, re.M))
-  if m:
-    return m[-1].group(1).strip()
+  ans = _answer_phrase(text)
+  if ans is not None:
+    return ans
+  m = list(re.finditer(r"(?:^|[\s,:(])\$?(-?\d[\d,]*(?:\.\d+)?)\$?\s+is the (?:final |correct )?answer\b",
+                       text, re.M))
+  if m:  # "12 is the answer." / "Therefore, 115 is the answer to the problem."
+    return m[-1].group(1)
   m = re.search(r"(?:^|\n)A:\s*(.+?)\s*$", text)
   if m:
     return m.group(1)
   return None
+
+
+_ANSWER_IS = re.compile(r"[Tt]he (?:final )?answer is[:\s]*\$?(.+?)\$?\s*(?:\.\s*$|$|\.\s+)", re.M)
+_TRAILING_NUMBER = re.compile(r"=\s*\$?(-?\d[\d,]*(?:\.\d+)?)\$?\s*$")
+
+
+def _answer_phrase(text: str) -> str | None:
+  """The last "The (final) answer is X"; "X = ... = 200" gives its final number."""
+  m = list(_ANSWER_IS.finditer(text))
+  if not m:
+    return None
+  ans = m[-1].group(1).strip()
+  tail = _TRAILING_NUMBER.search(ans)
+  return tail.group(1) if tail and not ans.lstrip("-").replace(",", "").replace(".", "").isdigit() else ans
 
 
 # ----------------------------------------------------------------------------- normalisation
