@@ -10,11 +10,22 @@ latest ones, in the same folder.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+
+class _QuietUnscoredSaves(logging.Filter):
+  """Steps saved between validations carry no metrics by design; orbax warns on each."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUnscoredSaves())
 
 
 def absolute(path: str) -> str:
