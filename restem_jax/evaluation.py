@@ -113,7 +113,8 @@ def rollout(engine: Engine, params, task, records: Sequence[dict], sc: sampling.
       bar.refresh()
     r = rollouts.sample(engine.model, params, engine.vocab, records, sc, stop=task.stop, rng=seed,
                         batch_size=engine.batch_size, mesh=engine.mesh, progress=progress)
-  return rollouts.verify(r, records, task.verifier, engine.vocab, stop=task.stop,
+  # the verifier sees the text cut where the tokens were: the task's stop and the sampler's
+  return rollouts.verify(r, records, task.verifier, engine.vocab, stop=(task.stop, *sc.stop),
                          workers=engine.workers, progress=True)
 
 
@@ -198,6 +199,6 @@ def evaluate(checkpoint_or_params, task, *, model: model_lib.ModelConfig, split:
     s_summary, s_rows = score(rollout(engine, params, task, records, sc, seed=seed), ks)
     summary.update({k: v for k, v in s_summary.items() if k != "statuses"})
     df = df.merge(pd.DataFrame(s_rows).drop(columns=["first_correct"]), on="id")
-  df["completion"] = [t[0] for t in greedy.texts(engine.vocab, task.stop)]
+  df["completion"] = [t[0] for t in greedy.texts(engine.vocab, (task.stop, *greedy_sc.stop))]
   df.attrs["summary"] = summary
   return df
