@@ -6,13 +6,19 @@ names (see `partitioning.py` for the table that maps them onto a mesh) and the
 main activations carry sharding constraints.
 
 Shape suffixes: B batch, L query length, S key/cache length, D d_model,
-H query heads, K kv heads, G = H // K, E head dim, F mlp dim, V vocab.
+H query heads, K kv heads, G = H // K, E head dim, F mlp dim, V vocab;
+C rows of a shared prefix, N = B // C rows per prefix row, P prefix length.
 
 Cache layout: each layer keeps `k`, `v` of shape [B, K, S, E] (batch and kv
 head first, so attention needs no transposes of the cache).  Prompts are
 left-padded so that every row writes at the same `cache_index`; `kv_mask_BxS`
 says which cache slots hold real tokens.  Positions (for rotary embeddings)
 are per token, so left padding does not shift them.
+
+Shared prefix (sampling many completions of one prompt): `prefix` holds the
+prompt's cache once per prompt ([C, K, P, E]; rows c*N .. c*N+N-1 of the batch
+continue prompt c), and `cache` only the generated slots P.. .  Attention
+reads the prompt's keys once per prompt instead of once per sample.
 """
 from __future__ import annotations
 
@@ -111,7 +117,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache, cache_index):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache, cache_index, prefix=None):
     cfg = self.cfg
     d, e, h, k = cfg.d_model, cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
     dt = jnp.dtype(cfg.dtype)
@@ -135,7 +141,8 @@ class Attention(nn.Module):
     k_BxKxLxE = k_BxLxKxE.transpose(0, 2, 1, 3)
     v_BxKxLxE = v_BxLxKxE.transpose(0, 2, 1, 3)
     if cache is not None:  # write this chunk at cache_index, attend over the cache
-      idx = (0, 0, cache_index, 0)
+      p = 0 if prefix is None else prefix["k"].shape[2]  # the cache holds slots p.. then
+      idx = (0, 0, cache_index - p, 0)
       k_BxKxSxE = jax.lax.dynamic_update_slice(cache["k"], k_BxKxLxE.astype(cache["k"].dtype), idx)
       v_BxKxSxE = jax.lax.dynamic_update_slice(cache["v"], v_BxKxLxE.astype(cache["v"].dtype), idx)
       cache = {"k": k_BxKxSxE, "v": v_BxKxSxE}
@@ -151,10 +158,30 @@ class Attention(nn.Module):
     q_BxKxGLxE = q_BxLxHxE.reshape(b, l, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * l, e)
     s_BxKxGLxS = jnp.einsum("bkqe,bkse->bkqs", q_BxKxGLxE, k_BxKxSxE,
                             preferred_element_type=jnp.float32) / math.sqrt(e)
+    s_BxKxGxLxS = s_BxKxGLxS.reshape(b, k, g, l, -1)
+    if prefix is not None:  # keys shared by n = b // c rows each: read once per prompt
+      c, pl = prefix["k"].shape[0], prefix["k"].shape[2]
+      q_CxKxNGLxE = q_BxKxGLxE.reshape(c, b // c, k, g * l, e).transpose(0, 2, 1, 3, 4).reshape(
+          c, k, -1, e)
+      s_CxKxNGLxP = jnp.einsum("ckqe,ckpe->ckqp", q_CxKxNGLxE, prefix["k"].astype(dt),
+                               preferred_element_type=jnp.float32) / math.sqrt(e)
+      s_BxKxGxLxP = s_CxKxNGLxP.reshape(c, k, b // c, g, l, pl).transpose(0, 2, 1, 3, 4, 5).reshape(
+          b, k, g, l, pl)
+      s_BxKxGxLxS = jnp.concatenate([s_BxKxGxLxP, s_BxKxGxLxS], -1)
     mask_Bx1x1xLxS = mask_BxLxS[:, None, None]
-    s_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, s_BxKxGLxS.reshape(b, k, g, l, -1), -1e30)
-    p_BxKxGLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt).reshape(b, k, g * l, -1)
+    s_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, s_BxKxGxLxS, -1e30)
+    p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt)
+    if prefix is not None:
+      p_BxKxGxLxP, p_BxKxGxLxS = p_BxKxGxLxS[..., :pl], p_BxKxGxLxS[..., pl:]
+      p_CxKxNGLxP = p_BxKxGxLxP.reshape(c, b // c, k, g * l, pl).transpose(0, 2, 1, 3, 4).reshape(
+          c, k, -1, pl)
+      o_CxKxNGLxE = jnp.einsum("ckqp,ckpe->ckqe", p_CxKxNGLxP, prefix["v"].astype(dt))
+      o_prefix_BxKxGLxE = o_CxKxNGLxE.reshape(c, k, b // c, g * l, e).transpose(0, 2, 1, 3, 4).reshape(
+          b, k, g * l, e)
+    p_BxKxGLxS = p_BxKxGxLxS.reshape(b, k, g * l, -1)
     o_BxKxGLxE = jnp.einsum("bkqs,bkse->bkqe", p_BxKxGLxS, v_BxKxSxE)
+    if prefix is not None:
+      o_BxKxGLxE = o_BxKxGLxE + o_prefix_BxKxGLxE
     o_BxLxHxE = o_BxKxGLxE.reshape(b, k, g, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
     out_BxLxD = jnp.einsum("blhe,hed->bld", o_BxLxHxE, wo.astype(dt))
     return constrain(out_BxLxD, ("batch", "length", "act_embed")), cache
@@ -179,10 +206,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache, cache_index):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache, cache_index, prefix=None):
     h, cache = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxLxS,
-        cache, cache_index)
+        cache, cache_index, prefix)
     x_BxLxD = x_BxLxD + h
     x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD))
     return x_BxLxD, cache
@@ -194,13 +221,18 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, kv_mask_BxS=None,
-               cache: Cache | None = None, cache_index: Any = 0):
+               cache: Cache | None = None, cache_index: Any = 0, prefix: Cache | None = None,
+               return_hidden: bool = False):
+    """`return_hidden`: the final normalised hidden states [B, L, D] instead of
+    logits (reward models put their own head on them)."""
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
     if kv_mask_BxS is None:
       kv_mask_BxS = jnp.ones((b, l if cache is None else cache[0]["k"].shape[2]), bool)
+    if prefix is not None and (cache is None or b % prefix[0]["k"].shape[0]):
+      raise ValueError("a shared prefix needs a cache and a batch that is a multiple of its rows")
     q_index_L = cache_index + jnp.arange(l)
     mask_BxLxS = attention_mask(q_index_L, kv_mask_BxS, cfg.sliding_window)
 
@@ -212,9 +244,12 @@ class Decoder(nn.Module):
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache[i]
       x_BxLxD, layer_cache = block_cls(cfg, name=f"layer_{i}")(
-          x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, cache_index)
+          x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, cache_index,
+          None if prefix is None else prefix[i])
       new_cache.append(layer_cache)
     x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
+    if return_hidden:
+      return x_BxLxD, (None if cache is None else new_cache)
     if cfg.tie_embeddings:  # contract with the embedding as stored: no [D, V] transpose per call
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(x_BxLxD.dtype),
                                 preferred_element_type=jnp.float32)

@@ -3,8 +3,8 @@
 Prompts are left-padded into fixed shape buckets (prompt length rounded up to
 a power of two, or above 128 to a multiple of 64; a fixed batch per call), so a
 long E-step compiles a few times at most.  The
-prompt is prefilled once and its KV cache is repeated `num_samples` times,
-so samples of one prompt share the prefill.  Decoding stops when every row
+prompt is prefilled once; its KV cache is shared by the `num_samples` rows
+that continue it (attention reads it once per prompt, not once per sample).  Decoding stops when every row
 has emitted EOS or `max_new_tokens` is reached.
 """
 from __future__ import annotations
@@ -96,18 +96,13 @@ def filter_logits(logits_NxV, temperature, top_k: int = 0, top_p: float = 1.0):
 
   top-k keeps the tokens whose logit is at least the k-th largest (ties at the
   boundary are kept); top-p keeps the smallest set of most likely tokens whose
-  probability reaches top_p.
+  probability reaches top_p.  (`sample_token` draws from the same distribution
+  without materialising it when top_k is set.)
   """
   x = logits_NxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-  on_cpu = jax.default_backend() == "cpu"
   if top_k and top_k < x.shape[-1]:
-    if on_cpu:
-      keys = _sortable_int(x)
-      kth = _largest_threshold(keys, lambda m: jnp.sum(m, -1, keepdims=True) >= top_k)
-      x = jnp.where(keys < kth, -jnp.inf, x)
-    else:
-      kth_Nx1 = jax.lax.top_k(x, top_k)[0][:, -1:]
-      x = jnp.where(x < kth_Nx1, -jnp.inf, x)
+    kth_Nx1 = jax.lax.top_k(x, top_k)[0][:, -1:]
+    x = jnp.where(x < kth_Nx1, -jnp.inf, x)
   if top_p < 1.0:
     probs = jax.nn.softmax(x, axis=-1)
     keys = _sortable_int(x)
@@ -116,17 +111,36 @@ def filter_logits(logits_NxV, temperature, top_k: int = 0, top_p: float = 1.0):
   return x
 
 
+def _nucleus(x_NxK, top_p: float):
+  """x sorted descending: keep the shortest head whose probability reaches top_p."""
+  probs_NxK = jax.nn.softmax(x_NxK, axis=-1)
+  before_NxK = jnp.cumsum(probs_NxK, axis=-1) - probs_NxK
+  return jnp.where(before_NxK < top_p, x_NxK, -jnp.inf)
+
+
 def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.0):
   """One token per row; greedy (argmax) where temperature == 0."""
   greedy_N = jnp.argmax(logits_NxV, axis=-1)
   if isinstance(temperature, (int, float)) and temperature == 0:  # static greedy: no draw
     return greedy_N.astype(jnp.int32)
+  v = logits_NxV.shape[-1]
+  if top_k and top_k < v:
+    # Draw among the k best only: one `top_k` pass over the vocabulary, then
+    # work on [N, k] (the filtered full-vocabulary softmax and cumsum cost
+    # ~10x more per decode step on CPU for a 49k vocabulary).
+    vals_NxK, idx_NxK = jax.lax.top_k(logits_NxV.astype(jnp.float32), top_k)
+    x_NxK = vals_NxK / jnp.maximum(temperature, 1e-6)
+    if top_p < 1.0:
+      x_NxK = _nucleus(x_NxK, top_p)
+    pick_N = jax.random.categorical(rng, x_NxK, axis=-1)
+    drawn_N = jnp.take_along_axis(idx_NxK, pick_N[:, None], -1)[:, 0]
+    return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
   # Inverse-CDF draw: one uniform per row (a Gumbel draw needs one per logit,
   # which dominates a CPU decode step for large vocabularies).
   probs_NxV = jax.nn.softmax(filter_logits(logits_NxV, temperature, top_k, top_p), axis=-1)
   cdf_NxV = jnp.cumsum(probs_NxV, axis=-1)
   u_Nx1 = jax.random.uniform(rng, (logits_NxV.shape[0], 1)) * cdf_NxV[:, -1:]
-  drawn_N = jnp.minimum(jnp.sum(cdf_NxV <= u_Nx1, axis=-1), logits_NxV.shape[-1] - 1)
+  drawn_N = jnp.minimum(jnp.sum(cdf_NxV <= u_Nx1, axis=-1), v - 1)
   # Guard float rounding: never return a zero-probability token.
   p_N = jnp.take_along_axis(probs_NxV, drawn_N[:, None], -1)[:, 0]
   drawn_N = jnp.where(p_N > 0, drawn_N, jnp.argmax(probs_NxV, -1))
@@ -142,16 +156,15 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
     b, p = prompts_BxP.shape
     n, t = sc.num_samples, sc.max_new_tokens
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
-    kv_mask_BxS = jnp.concatenate(
-        [prompt_mask_BxP.astype(bool), jnp.zeros((b, t), bool)], axis=1)
-    cache = model_lib.init_cache(cfg, b, p + t)
-    logits_BxPxV, cache = model_lib.apply(
-        cfg, params, prompts_BxP, positions_BxL=positions_BxP, kv_mask_BxS=kv_mask_BxS,
-        cache=cache, cache_index=0)
-
-    rep = lambda x: jnp.repeat(x, n, axis=0)  # samples of a prompt share its prefill
+    logits_BxPxV, prefix = model_lib.apply(
+        cfg, params, prompts_BxP, positions_BxL=positions_BxP,
+        kv_mask_BxS=prompt_mask_BxP.astype(bool), cache=model_lib.init_cache(cfg, b, p),
+        cache_index=0)
+    # The samples of a prompt share its prefill and read its keys once (`prefix`);
+    # each row's own cache holds only the generated tokens, and grows by segment.
+    rep = lambda x: jnp.repeat(x, n, axis=0)
     cache_names = ("batch", "act_kv_heads", "length", "kv")
-    cache = jax.tree.map(lambda c: model_lib.constrain(rep(c), cache_names), cache)
+    widths = decode_segments(t)
     state = dict(
         step=jnp.int32(0),
         tokens=jnp.full((b * n, t), pad_id, jnp.int32),
@@ -160,23 +173,21 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
         done=jnp.zeros((b * n,), bool),
         logits=rep(logits_BxPxV[:, -1]),
         position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
-        kv_mask=rep(kv_mask_BxS),
-        cache=cache,
+        kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, widths[0]), bool)], 1),
+        cache=model_lib.init_cache(cfg, b * n, widths[0]),
         rng=rng)
-
-    def cond(s):
-      return (s["step"] < t) & ~jnp.all(s["done"])
 
     def body(s):
       rng, sub = jax.random.split(s["rng"])
       step, done = s["step"], s["done"]
       tok_N = sample_token(s["logits"], sub, temperature, top_k, top_p)
-      lp_N = jnp.take_along_axis(jax.nn.log_softmax(s["logits"]), tok_N[:, None], -1)[:, 0]
+      lp_N = (jnp.take_along_axis(s["logits"], tok_N[:, None], -1)[:, 0]
+              - jax.nn.logsumexp(s["logits"], axis=-1))
       tok_N = jnp.where(done, pad_id, tok_N)
       kv_mask = s["kv_mask"].at[:, p + step].set(~done)
       logits, cache = model_lib.apply(
           cfg, params, tok_N[:, None], positions_BxL=s["position"][:, None],
-          kv_mask_BxS=kv_mask, cache=s["cache"], cache_index=p + step)
+          kv_mask_BxS=kv_mask, cache=s["cache"], cache_index=p + step, prefix=prefix)
       return dict(
           step=step + 1,
           tokens=s["tokens"].at[:, step].set(tok_N),
@@ -189,8 +200,26 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
           cache=cache,
           rng=rng)
 
-    s = jax.lax.while_loop(cond, body, state)
-    return s["tokens"], s["lengths"], s["logprobs"]
+    # Each segment attends over the slots written so far (rounded up), not all t.
+    for i, w in enumerate(widths):
+      if i:
+        grow = w - widths[i - 1]
+        state["kv_mask"] = jnp.pad(state["kv_mask"], ((0, 0), (0, grow)))
+        state["cache"] = jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, grow), (0, 0))),
+                                      state["cache"])
+      state["cache"] = jax.tree.map(lambda c: model_lib.constrain(c, cache_names), state["cache"])
+      state = jax.lax.while_loop(
+          lambda s, w=w: (s["step"] < w) & ~jnp.all(s["done"]), body, state)
+    return state["tokens"], state["lengths"], state["logprobs"]
+
+
+def decode_segments(t: int, parts: int = 4, multiple: int = 32) -> list[int]:
+  """Cache widths of the decode loop's segments: up to `parts` equal steps to t
+  (each a multiple of `multiple`); each segment is compiled once."""
+  parts = max(1, min(parts, -(-t // multiple)))
+  widths = sorted({min(t, -(-t * (i + 1) // parts // multiple) * multiple) for i in range(parts)})
+  widths[-1] = t
+  return widths
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:

@@ -47,10 +47,12 @@ def test_kv_cache_matches_full_forward(params):
 
 def test_temperature_zero_is_greedy(params):
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=10, temperature=0.0),
+  # 70 new tokens: three decode segments (cache widths 32, 64, 70), three rows per shared prompt.
+  assert sampling.decode_segments(70) == [32, 64, 70]
+  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=70, temperature=0.0),
                         eos_id=-1, rng=3, batch_size=2)
   for i, pr in enumerate(prompts):
-    seq = list(pr) + [0] * 10
+    seq = list(pr) + [0] * 70
     for j in range(len(pr), len(seq)):  # causal: later filler tokens do not matter
       seq[j] = int(jnp.argmax(forward(params, jnp.asarray([seq]))[0, j - 1]))
     for j in range(3):
@@ -130,3 +132,30 @@ def test_sampling_config_rejects_bad_values():
               dict(max_new_tokens=0)):
     with pytest.raises(ValueError, match="SamplingConfig"):
       SC(**bad)
+
+
+def test_top_k_with_top_p_frequencies_match_filtered_softmax():
+  # The fast path (draw among the k best) against the full-vocabulary filter.
+  logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5, 1.4, -0.3]])
+  temperature, top_k, top_p = 0.8, 5, 0.7
+  draws = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, temperature, top_k, top_p)[0]))(
+      jax.random.split(jax.random.key(3), 20000))
+  counts = np.bincount(np.asarray(draws), minlength=8)
+  p = np.asarray(jax.nn.softmax(sampling.filter_logits(logits, temperature, top_k, top_p)))[0]
+  assert set(np.nonzero(counts)[0]) == set(np.nonzero(p)[0]) and 1 < (p > 0).sum() < top_k
+  kept = p > 0
+  assert stats.chisquare(counts[kept], p[kept] * 20000).pvalue > 0.001
+
+
+def test_sampled_logprobs_match_full_forward(params):
+  """Rows that share a prompt diverge: each row's log-probs equal a fresh forward pass."""
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20]]
+  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=40, temperature=1.0),
+                        eos_id=-1, rng=5, batch_size=4)
+  for i, pr in enumerate(prompts):
+    assert len({tuple(r) for r in out.tokens[i]}) == 3  # the samples differ
+    for j in range(3):
+      seq = list(pr) + [int(x) for x in out.tokens[i, j]]
+      lp = jax.nn.log_softmax(forward(params, jnp.asarray([seq]))[0])
+      want = [float(lp[len(pr) + k - 1, seq[len(pr) + k]]) for k in range(40)]
+      np.testing.assert_allclose(out.logprobs[i, j], want, atol=2e-4)
