@@ -145,10 +145,12 @@ def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequenc
   return m
 
 
-def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | None = None):
+def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | None = None,
+                init=model_lib.init_params):
   """Parameters from a training folder written by `training.train` (its best
   step by validation, else its latest; `.../train` or `.../train/checkpoints`),
-  or from a Hugging Face model folder."""
+  or from a Hugging Face model folder.  `init(cfg, rng)` gives the tree's
+  structure (a reward model's: `reward.init_params`)."""
   path = checkpoints.absolute(path)
   if path.endswith(".gguf") or os.path.exists(os.path.join(path, "config.json")):
     from restem_jax import hf
@@ -156,7 +158,7 @@ def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | No
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   mesh = mesh or partitioning.make_mesh()
-  boxed = jax.eval_shape(lambda r: model_lib.init_params(cfg, r), jax.random.key(0))
+  boxed = jax.eval_shape(lambda r: init(cfg, r), jax.random.key(0))
   shardings = partitioning.logical_shardings(boxed, mesh)
   import flax.linen as nn
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

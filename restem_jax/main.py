@@ -2,7 +2,8 @@
 
 Flags: --gin_file (repeatable), --gin_bindings (repeatable), --gin.NAME=VALUE
 (e.g. --gin.RUN_DIR="'/tmp/run1'").  The gin file chooses what runs
-(`execute.fn`): ReST^EM (`restem_main`) or evaluation only (`eval_main`).
+(`execute.fn`): ReST^EM (`restem_main`), evaluation only (`eval_main`), a
+reward model (`reward_main`) or best-of-N selection (`best_of_n_main`).
 The operative config is saved in the run directory.
 """
 from __future__ import annotations
@@ -90,6 +91,39 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
   return summary
 
 
+def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 1), data_dir="",
+                task_options=None, hf_model_dir="", prompt="", chat=None):
+  """Trains an ORM or PRM (`config`, a RewardConfig) in run_dir."""
+  import dataclasses
+  from restem_jax import reward_run
+  from restem_jax.checkpoints import absolute
+  run_dir, data_dir, hf_model_dir = absolute(run_dir), absolute(data_dir), absolute(hf_model_dir)
+  config = dataclasses.replace(config, policy=absolute(config.policy),
+                               init=config.init if config.init in ("policy", "scratch") else absolute(config.init))
+  model, vocab = _setup(model, hf_model_dir)
+  summary = reward_run.train_run(run_dir, config, model, train, vocab,
+                                 _task(task, data_dir, task_options, prompt, chat, vocab), tuple(mesh_shape))
+  print(json.dumps(summary, indent=1))
+  return summary
+
+
+def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="test", limit=0,
+                   sampling=None, num_subsets=200, config=None, mesh_shape=(-1, 1, 1), data_dir="",
+                   task_options=None, hf_model_dir="", prompt="", chat=None):
+  """Best-of-N of `policy`'s samples: pass@N, majority, ORM / PRM picks and weighted votes."""
+  from restem_jax import reward_run
+  from restem_jax.checkpoints import absolute
+  from restem_jax.sampling import SamplingConfig
+  run_dir, policy, orm, prm, data_dir, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, data_dir,
+                                                                    hf_model_dir))
+  model, vocab = _setup(model, hf_model_dir)
+  return reward_run.best_of_n_run(
+      run_dir, policy or hf_model_dir, orm, prm, model, vocab,
+      _task(task, data_dir, task_options, prompt, chat, vocab), split, limit,
+      sampling or SamplingConfig(num_samples=16, temperature=1.0, max_new_tokens=48), num_subsets,
+      config or reward_run.RewardConfig(), tuple(mesh_shape))
+
+
 def execute(fn):
   return fn()
 
@@ -110,6 +144,10 @@ def register_configurables():
   gin.external_configurable(arith.ArithConfig, "ArithConfig")
   gin.external_configurable(restem_main, "restem_main")
   gin.external_configurable(eval_main, "eval_main")
+  from restem_jax import reward_run
+  gin.external_configurable(reward_run.RewardConfig, "RewardConfig")
+  gin.external_configurable(reward_main, "reward_main")
+  gin.external_configurable(best_of_n_main, "best_of_n_main")
   return gin.external_configurable(execute, "execute")
 
 

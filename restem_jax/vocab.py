@@ -18,6 +18,15 @@ class ByteVocabulary:
   def encode(self, s: str) -> list[int]:
     return [b + 3 for b in s.encode("utf-8")]
 
+  def encode_with_offsets(self, s: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each id's (start, end) character span in `s`."""
+    ids, spans = [], []
+    for i, ch in enumerate(s):
+      for b in ch.encode("utf-8"):
+        ids.append(b + 3)
+        spans.append((i, i + 1))
+    return ids, spans
+
   def decode(self, ids: Sequence[int]) -> str:
     out = []
     for i in map(int, ids):
@@ -82,6 +91,11 @@ class HFTokenizerVocabulary:
 
   def encode(self, s: str) -> list[int]:
     return self._tok.encode(s, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, s: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each id's (start, end) character span in `s` (the tokenizer's offsets)."""
+    enc = self._tok.encode(s, add_special_tokens=False)
+    return enc.ids, [tuple(o) for o in enc.offsets]
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]

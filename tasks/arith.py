@@ -62,18 +62,39 @@ def solution_text(steps: list[str], answer: int) -> str:
 _STEP = re.compile(r"^(-?\d+)([-+*])(-?\d+)=(-?\d+)$")
 
 
+def _check_step(step: str, prev: int | None) -> tuple[bool, int | None]:
+  """Is `a op b = c` right, and does `a` chain from the previous result?  (ok, c)"""
+  m = _STEP.match(step.strip())
+  if not m:
+    return False, prev
+  a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+  return _apply(a, op, b) == c and (prev is None or a == prev), c
+
+
 def check_steps(solution: str) -> list[bool]:
   """Per step: is `a op b = c` right and does `a` chain from the previous result?"""
   body = solution.split("####")[0].strip()
   out, prev = [], None
   for step in filter(None, body.split(";")):
-    m = _STEP.match(step.strip())
-    if not m:
-      out.append(False)
+    ok, prev = _check_step(step, prev)
+    out.append(ok)
+  return out
+
+
+STEP_SEPARATOR = r"[;\n]+"  # steps are `a op b = c` pieces, then the `#### N` line
+
+
+def step_ratings(solution: str, spans: list[tuple[int, int]], correct: bool) -> list[int]:
+  """Exact PRM labels (+1 / -1) of the steps at `spans` (split by STEP_SEPARATOR):
+  a calculation step by `_check_step`, the answer line by the verifier's verdict."""
+  out, prev = [], None
+  for a, b in spans:
+    piece = solution[a:b]
+    if piece.startswith("####"):
+      out.append(1 if correct else -1)
       continue
-    a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-    out.append(_apply(a, op, b) == c and (prev is None or a == prev))
-    prev = c
+    ok, prev = _check_step(piece, prev)
+    out.append(1 if ok else -1)
   return out
 
 
@@ -114,7 +135,8 @@ def make(options: ArithConfig = ArithConfig(), prompt: str = "{problem}=") -> co
   """The arith task with these knobs (splits follow `options.sizes`)."""
   return common.Task(name="arith", splits=tuple(dict(options.sizes)), read=read,
                      verifier=MathVerifier(), prompt=prompt, options=options,
-                     step_checker=check_steps)
+                     step_checker=check_steps, step_separator=STEP_SEPARATOR,
+                     step_labels=step_ratings)
 
 
 TASK = make()

@@ -77,6 +77,8 @@ class Task:
   options: Any = None  # the task's own knobs (arith: ArithConfig; apps: difficulties)
   stop: str = ""  # text after which a completion is cut (besides EOS)
   step_checker: Callable | None = None  # solution -> [bool per step], where steps are checkable
+  step_separator: str = r"\n+"  # regex between a solution's steps (reward models)
+  step_labels: Callable | None = None  # (solution, step spans, answer correct) -> [+1/0/-1 per step]
 
   def format_prompt(self, record: dict) -> str:
     if callable(self.prompt):

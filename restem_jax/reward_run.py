@@ -1,0 +1,236 @@
+"""Reward-model runs: train an ORM or PRM; best-of-N with them against majority voting.
+
+`train_run` (gin/train_orm.gin, gin/train_prm.gin):
+  data      "rollouts": samples of a policy checkpoint on the task's train,
+            validation and test splits, verified (ORM labels) and step-labelled
+            where the task's steps are checkable (arith: exact PRM labels)
+            -> run_dir/rollouts/<split>/batch_NNNNN.npz (resumable);
+            "prm800k": PRM800K phase1_train (train / validation by problem)
+            and phase1_test, human step labels.
+  train     the decoder + a 3-way head (from the policy, a Hugging Face /
+            GGUF model, or scratch) with `training.train`: sharded, resumable,
+            keep-best on validation (PRM: first-wrong-step accuracy; ORM:
+            solution-level accuracy) -> run_dir/train/checkpoints
+  report    test metrics -> run_dir/summary.json
+
+`best_of_n_run` (gin/best_of_n.gin): a pool of `sampling.num_samples` samples
+per test problem from the policy, scored by the ORM and the PRM; the table of
+best-of-N accuracies for N = 1, 2, 4, ... (best_of_n.csv / .png) and
+summary.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import zlib
+
+import jax
+import numpy as np
+
+from restem_jax import best_of_n, evaluation, partitioning, restem, reward, training
+from restem_jax import model as model_lib
+from restem_jax.runlog import RunLog, write_json
+from restem_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """What a reward-model run trains on and how it is judged."""
+  kind: str = "prm"  # "orm" | "prm"
+  source: str = "rollouts"  # "rollouts" (of `policy`) | "prm800k"
+  policy: str = ""  # training folder, Hugging Face folder or .gguf the samples come from
+  init: str = "policy"  # "policy" | "scratch" | a checkpoint / HF folder / .gguf
+  train_split: str = "pool"
+  validation_split: str = "validation"
+  test_split: str = "test"
+  train_limit: int = 0  # problems (0: all)
+  eval_limit: int = 0
+  sampling: SamplingConfig = SamplingConfig(num_samples=8, temperature=1.0, max_new_tokens=48)
+  sample_batch_size: int = 64
+  max_len: int = 128
+  reduction: str = "product"  # PRM score: "product" | "min" of P(step correct)
+  neutral_is_correct: bool = True
+  seed: int = 0
+  workers: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in reward.KINDS:
+      raise ValueError(f"RewardConfig.kind: {self.kind!r} is not one of {reward.KINDS}")
+    if self.source not in ("rollouts", "prm800k"):
+      raise ValueError(f"RewardConfig.source: {self.source!r} is not 'rollouts' or 'prm800k'")
+    if self.source == "prm800k" and self.kind != "prm":
+      raise ValueError("RewardConfig: PRM800K has step labels only: kind must be 'prm'")
+
+
+def _limit(records, n):
+  return records[:n] if n else records
+
+
+def rollouts_for(engine, params, task, split: str, limit: int, sc: SamplingConfig, out_dir: str, seed: int):
+  recs = _limit(task.load(split), limit)
+  return restem.e_step(engine, params, task, recs, sc, os.path.join(out_dir, split),
+                       jax.random.fold_in(jax.random.key(seed), zlib.crc32(split.encode())))
+
+
+def prm800k_examples(task, vocab, split: str, limit: int) -> list[reward.Labelled]:
+  from tasks import prm800k
+  recs = prm800k.read(split, task.data_dir)
+  if limit:  # whole problems, in file order
+    keep = list(dict.fromkeys(r["problem"] for r in recs))[:limit]
+    recs = [r for r in recs if r["problem"] in set(keep)]
+  return [reward.from_steps(vocab.encode(task.format_prompt(dict(r, solution="", answer=""))),
+                            r["steps"], r["ratings"], vocab) for r in recs]
+
+
+def step_metrics(per_step: list[np.ndarray], examples: list[reward.Labelled]) -> dict:
+  """PRM: accuracy of locating the first wrong step (or none) on solutions with
+  every step labelled, and step-level accuracy of P(NEGATIVE) > 0.5."""
+  located, n_sol, right, n_steps, clean = 0, 0, 0, 0, 0
+  for probs, ex in zip(per_step, examples):
+    labels = np.asarray(ex.labels[:len(probs)])
+    if len(labels) == 0 or (labels < 0).any():
+      continue
+    truth = int(np.argmax(labels == reward.NEGATIVE)) if (labels == reward.NEGATIVE).any() else -1
+    located += reward.first_wrong_step(probs) == truth
+    clean += truth == -1
+    n_sol += 1
+    right += int(((probs[:, reward.NEGATIVE] > 0.5) == (labels == reward.NEGATIVE)).sum())
+    n_steps += len(labels)
+  return {"first_wrong_step_accuracy": 100.0 * located / max(n_sol, 1), "solutions": n_sol,
+          "always_none_baseline": 100.0 * clean / max(n_sol, 1),  # answering "no wrong step"
+
+          "step_accuracy": 100.0 * right / max(n_steps, 1)}
+
+
+def outcome_metrics(s: np.ndarray, correct: np.ndarray) -> dict:
+  """Solution level: accuracy of score > 0.5 against the verifier, and AUROC."""
+  from scipy.stats import rankdata
+  correct = np.asarray(correct, bool)
+  pos, neg = int(correct.sum()), int((~correct).sum())
+  ranks = rankdata(s)  # AUROC = Mann-Whitney U / (pos * neg), ties counted half
+  auc = (ranks[correct].sum() - pos * (pos + 1) / 2) / (pos * neg) if pos and neg else float("nan")
+  return {"solution_accuracy": 100.0 * float(np.mean((s > 0.5) == correct)), "auroc": float(auc)}
+
+
+def evaluate_rm(cfg, params, examples, kind, rc: RewardConfig, correct=None) -> dict:
+  s, per = reward.scores(cfg, params, examples, kind, max_len=rc.max_len, reduction=rc.reduction,
+                         neutral_is_correct=rc.neutral_is_correct)
+  m = step_metrics(per, examples) if kind == "prm" else {}
+  if correct is not None:
+    m.update(outcome_metrics(s, correct))
+  return m
+
+
+def _engine(model, vocab, mesh, rc):
+  return evaluation.Engine(model, vocab, mesh, rc.sample_batch_size, rc.workers)
+
+
+def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: training.TrainConfig,
+              vocab, task, mesh_shape=(-1, 1, 1)) -> dict:
+  """Trains a reward model in run_dir (resumable); returns the summary."""
+  mesh = partitioning.make_mesh(tuple(mesh_shape))
+  log = RunLog(run_dir)
+  with jax.set_mesh(mesh):
+    policy = None
+    if rc.source == "rollouts":
+      if not rc.policy:
+        raise ValueError("RewardConfig.policy: a checkpoint to sample from is needed (source 'rollouts')")
+      policy = evaluation.load_params(rc.policy, model, mesh)
+      engine = _engine(model, vocab, mesh, rc)
+      outs = {}
+      for name, split, limit in (("train", rc.train_split, rc.train_limit),
+                                 ("validation", rc.validation_split, rc.eval_limit),
+                                 ("test", rc.test_split, rc.eval_limit)):
+        r = rollouts_for(engine, policy, task, split, limit, rc.sampling,
+                         os.path.join(run_dir, "rollouts"), rc.seed)
+        outs[name] = (reward.from_rollouts(r, vocab, task, rc.kind), (r.rewards > 0).reshape(-1))
+        log.mark(f"rollouts {name}")
+    else:
+      train_all = prm800k_examples(task, vocab, "train", rc.train_limit)
+      cut = int(len(train_all) * 0.95)  # file order groups a problem's rows together
+      outs = {"train": (train_all[:cut], None), "validation": (train_all[cut:], None),
+              "test": (prm800k_examples(task, vocab, "test", rc.eval_limit), None)}
+    data = reward.pack(outs["train"][0], rc.max_len)
+    stats = {f"{k}_solutions": len(v[0]) for k, v in outs.items()}
+    stats["train_labels"] = int(data["label_mask"].sum())
+    stats["train_negative_share"] = float((data["labels"][data["label_mask"] > 0] == reward.NEGATIVE).mean())
+    log("data", stats)
+    logging.info("reward model data: %s", stats)
+
+    key = "first_wrong_step_accuracy" if rc.kind == "prm" else "solution_accuracy"
+    val_examples, val_correct = outs["validation"]
+
+    def validate(params):
+      return evaluate_rm(model, params, val_examples, rc.kind, rc, val_correct)[key]
+
+    init_params = None
+    if rc.init == "policy":
+      if policy is None:
+        raise ValueError("RewardConfig.init 'policy' needs source 'rollouts'; give a model path")
+      init_params = reward.from_decoder(model, policy)
+    elif rc.init != "scratch":
+      init_params = reward.from_decoder(model, evaluation.load_params(rc.init, model, mesh))
+    best, score, _ = training.train(
+        model, tc, data, os.path.join(run_dir, "train"), mesh, loss_fn=reward.loss(model),
+        init_fn=functools.partial(reward.init_params, model), init_params=init_params,
+        validate=validate,
+        log=lambda m: log(f"train_{rc.kind}", {k: v for k, v in m.items() if k != "step"}, m["step"]))
+    test = evaluate_rm(model, best, outs["test"][0], rc.kind, rc, outs["test"][1])
+    summary = dict(kind=rc.kind, source=rc.source, validation=score, data=stats,
+                   test={k: round(v, 3) if isinstance(v, float) else v for k, v in test.items()},
+                   wall_time_s=round(log.wall_time(), 1))
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    log("test", summary["test"])
+    log.mark("done")
+    log.close()
+    return summary
+
+
+def load_rm(path: str, model):
+  return evaluation.load_params(path, model, init=reward.init_params)
+
+
+def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_lib.ModelConfig, vocab,
+                  task, split: str = "test", limit: int = 0,
+                  sampling: SamplingConfig = SamplingConfig(num_samples=16, temperature=1.0, max_new_tokens=48),
+                  num_subsets: int = 200, rc: RewardConfig = RewardConfig(), mesh_shape=(-1, 1, 1)) -> dict:
+  """Best-of-N on a pool of samples per problem: pass@N, majority, and each
+  given reward model's pick and weighted vote (table, PNG, summary.json)."""
+  mesh = partitioning.make_mesh(tuple(mesh_shape))
+  log = RunLog(run_dir)
+  with jax.set_mesh(mesh):
+    params = evaluation.load_params(policy, model, mesh)
+    r = rollouts_for(_engine(model, vocab, mesh, rc), params, task, split, limit, sampling,
+                     os.path.join(run_dir, "rollouts"), rc.seed)
+    log.mark("pool")
+    correct = r.rewards > 0
+    answers = [[a if a else None for a in row] for row in r.answers.tolist()]
+    scores, rm_metrics = {}, {}
+    cache = os.path.join(run_dir, "scores.npz")
+    saved = dict(np.load(cache)) if os.path.exists(cache) else {}
+    for name, path in (("ORM", orm), ("PRM", prm)):
+      if not path:
+        continue
+      kind = name.lower()
+      if name not in saved:
+        examples = reward.from_rollouts(r, vocab, task, kind, labelled=False)
+        s, _ = reward.scores(model, load_rm(path, model), examples, kind, max_len=rc.max_len,
+                             reduction=rc.reduction, neutral_is_correct=rc.neutral_is_correct)
+        saved[name] = s.reshape(correct.shape)
+        np.savez(cache + ".tmp.npz", **saved)
+        os.replace(cache + ".tmp.npz", cache)
+      scores[name] = saved[name]
+      rm_metrics[name] = outcome_metrics(scores[name].reshape(-1), correct.reshape(-1))
+    df = best_of_n.table(correct, answers, scores, num_subsets=num_subsets, seed=rc.seed)
+    df.round(2).to_csv(os.path.join(run_dir, "best_of_n.csv"))
+    best_of_n.plot(df, os.path.join(run_dir, "best_of_n.png"),
+                   f"{task.name}/{split}: {r.num_problems} problems, pool of {r.num_samples}")
+    print(df.round(1).to_string())
+    summary = dict(problems=r.num_problems, pool=r.num_samples, table=df.round(2).reset_index().to_dict("records"),
+                   reward_models=rm_metrics, wall_time_s=round(log.wall_time(), 1))
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    log.mark("done")
+    log.close()
+    return summary

@@ -1,0 +1,266 @@
+"""Reward models: step labels on tokens, first-negative cut-off, no leakage, score
+reductions, best-of-N against brute force, the PRM800K readers, a tiny run."""
+import gzip
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks
+from restem_jax import best_of_n, gguf, model, reward, vocab
+from restem_jax.reward import NEGATIVE, NEUTRAL, POSITIVE
+from tasks import prm800k
+
+BYTES = vocab.ByteVocabulary()
+
+
+@pytest.fixture(scope="module")
+def bpe():
+  return vocab.HFTokenizerVocabulary(gguf.smollm2_path())
+
+
+def test_arith_step_labels_land_on_each_steps_last_token():
+  task = tasks.get("arith")
+  text = "3+3=6;6*8=47;47+4=51\n#### 51"
+  comp = BYTES.encode(text)
+  spans = reward.step_spans(text, task.step_separator)
+  assert [text[a:b] for a, b in spans] == ["3+3=6", "6*8=47", "47+4=51", "#### 51"]
+  labels = [reward.RATING_TO_CLASS[x] for x in task.step_labels(text, spans, False)]
+  assert labels == [POSITIVE, NEGATIVE, POSITIVE, NEGATIVE]  # 47+4=51 is right arithmetic
+  ex = reward.prm_example([9, 9], comp, reward.char_ends(BYTES, comp), spans, labels)
+  # trained through the first wrong step only, and on its last character ("7" of 47)
+  assert ex.labels == (POSITIVE, NEGATIVE)
+  assert [text[p] for p in ex.positions] == ["6", "7"] and ex.positions == (4, 11)
+
+
+def test_bpe_label_lands_on_a_token_merged_across_the_separator(bpe):
+  steps = ["f(2)=3)", "g(3)=4", "so h=7"]
+  ex = reward.from_steps(bpe.encode("Q"), steps, [1, -1, 1], bpe, separator=";")
+  text = ";".join(steps)
+  ids, offsets = bpe.encode_with_offsets(text)
+  assert list(ex.completion) == ids
+  first = offsets[ex.positions[0]]
+  # the tokenizer merges ")" and ";" into one token: the label sits on it
+  assert text[first[0]:first[1]] == ");" and first[0] <= len(steps[0]) - 1 < first[1]
+  second = offsets[ex.positions[1]]
+  assert second[0] <= len("f(2)=3);g(3)=4") - 1 < second[1]
+  assert ex.labels == (POSITIVE, NEGATIVE)  # cut after the first negative step
+
+
+def test_bpe_sampled_ids_map_through_decoded_offsets(bpe):
+  text = "We get 12.\nSo 12+3=15.\n#### 15"
+  ids = bpe.encode(text)
+  spans = reward.step_spans(text)
+  ex = reward.prm_example([1], ids, reward.char_ends(bpe, ids), spans, [POSITIVE] * 3)
+  for (a, b), p in zip(spans, ex.positions):
+    assert bpe.decode(ids[:p + 1]).endswith(text[b - 1]) and len(bpe.decode(ids[:p + 1])) == b
+
+
+def test_packed_inputs_carry_no_labels():
+  comp = BYTES.encode("1+1=2;2+2=5\n#### 5")
+  spans = reward.step_spans(BYTES.decode(comp), r"[;\n]+")
+  ends = reward.char_ends(BYTES, comp)
+  a = reward.pack([reward.prm_example([7, 8], comp, ends, spans, [POSITIVE, NEGATIVE, NEGATIVE])], 40)
+  b = reward.pack([reward.prm_example([7, 8], comp, ends, spans, [POSITIVE, POSITIVE, POSITIVE])], 40)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert list(a["tokens"][0, :2 + len(comp)]) == [7, 8] + comp and not a["tokens"][0, 2 + len(comp):].any()
+  assert a["label_mask"].sum() == 2 and b["label_mask"].sum() == 3
+  np.testing.assert_array_equal(np.nonzero(a["label_mask"][0])[0], 2 + np.array([4, 10]))
+
+
+def test_orm_labels_every_completion_token():
+  ex = reward.orm_example([5, 6], [10, 11, 12], correct=False)
+  batch = reward.pack([ex], 8)
+  assert list(np.nonzero(batch["label_mask"][0])[0]) == [2, 3, 4]
+  assert (batch["labels"][0, 2:5] == NEGATIVE).all()
+
+
+def test_score_reductions():
+  probs = np.array([[0.1, 0.1, 0.8], [0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+  assert reward.reduce_steps(probs) == pytest.approx(0.9 * 0.8 * 0.4)
+  assert reward.reduce_steps(probs, neutral_is_correct=False) == pytest.approx(0.8 * 0.5 * 0.3)
+  assert reward.reduce_steps(probs, "min") == pytest.approx(0.4)
+  assert reward.first_wrong_step(probs) == 2 and reward.first_wrong_step(probs[:2]) == -1
+  with pytest.raises(ValueError, match="reduction"):
+    reward.reduce_steps(probs, "mean")
+
+
+def test_reward_model_head_and_loss_shapes():
+  cfg = model.ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=64)
+  params = nn.unbox(reward.init_params(cfg, jax.random.key(0)))
+  assert params["head"]["kernel"].shape == (32, 3)
+  batch = reward.pack([reward.orm_example([5, 6], [10, 11], True)], 8)
+  total, weight, aux = reward.loss(cfg)(params, jax.tree.map(jnp.asarray, batch))
+  assert weight == 2 and total > 0 and 0 <= aux["accuracy"] <= 2
+  # the logits at a position do not depend on later tokens (a causal reward model)
+  t = jnp.asarray(batch["tokens"])
+  a = reward.apply(cfg, params, t)
+  b = reward.apply(cfg, params, t.at[0, 5].set(99))
+  np.testing.assert_allclose(a[0, :5], b[0, :5], atol=1e-6)
+
+
+def _brute_force(correct, answers, scores, n):
+  """Independent reference: every subset, explicit tie handling."""
+  m = len(correct)
+  acc = {"pass@N": [], "majority": [], "RM": [], "RM-weighted": []}
+  for sub in itertools.combinations(range(m), n):
+    acc["pass@N"].append(any(correct[i] for i in sub))
+    for name, w in (("majority", [1.0] * m), ("RM-weighted", scores)):
+      tot = {}
+      for i in sub:
+        if answers[i] is not None:
+          tot[answers[i]] = tot.get(answers[i], 0) + w[i]
+      if not tot:
+        acc[name].append(0.0)
+        continue
+      top = [a for a, t in tot.items() if abs(t - max(tot.values())) < 1e-9]
+      acc[name].append(np.mean([any(correct[i] for i in sub if answers[i] == a) for a in top]))
+    best = max(scores[i] for i in sub)
+    acc["RM"].append(np.mean([correct[i] for i in sub if scores[i] == best]))
+  return {k: 100 * np.mean(v) for k, v in acc.items()}
+
+
+def test_best_of_n_matches_brute_force_and_subsampling_converges():
+  rng = np.random.default_rng(0)
+  p, m = 5, 7
+  answers = [[rng.choice(["1", "2", "3", None]) for _ in range(m)] for _ in range(p)]
+  correct = np.array([[a == "1" for a in row] for row in answers])
+  scores = np.round(rng.random((p, m)), 1)  # rounding makes ties
+  exact = best_of_n.table(correct, answers, {"RM": scores}, ns=[1, 2, 3, 7], num_subsets=10**6)
+  for n in (1, 2, 3, 7):
+    ref = {k: np.mean([_brute_force(correct[i], answers[i], scores[i], n)[k] for i in range(p)])
+           for k in ("pass@N", "majority", "RM", "RM-weighted")}
+    for k, v in ref.items():
+      assert exact.loc[n, k] == pytest.approx(v), (n, k)
+  sampled = best_of_n.table(correct, answers, {"RM": scores}, ns=[3], num_subsets=4000, seed=1)
+  for k in ("pass@N", "majority", "RM", "RM-weighted"):
+    assert sampled.loc[3, k] == pytest.approx(exact.loc[3, k], abs=2.5)
+  with pytest.raises(ValueError, match="larger than the pool"):
+    best_of_n.table(correct, answers, {}, ns=[8])
+
+
+def test_prm800k_readers_on_the_shared_files():
+  test = prm800k.read("test")
+  assert len(test) == 5449 and len({r["problem"] for r in test}) == 101
+  # the candidate's own rating is the last one; its prefix takes its rows' ratings
+  last = [r["ratings"][-1] for r in test]
+  assert (last.count(1), last.count(0), last.count(-1)) == (2245 + 257, 867, 1970)  # human steps -> +1
+  second = next(r for r in test if len(r["steps"]) == 2)
+  first_row = next(r for r in test if r["problem"] == second["problem"] and len(r["steps"]) == 1
+                   and r["steps"][0] == second["steps"][0])
+  assert second["ratings"][0] == first_row["ratings"][0]
+  assert any(r["steps"][-1].count("# Answer") == 1 for r in test)
+  raw = prm800k.read("raw_train")
+  assert len(raw) == 11 and all(len(r["steps"]) == len(r["ratings"]) > 0 for r in raw)
+  assert {r["finish_reason"] for r in raw} == {"solution", "found_error"}
+  found_error = [r for r in raw if r["finish_reason"] == "found_error"]
+  assert all(r["ratings"][-1] == -1 for r in found_error)
+
+
+def test_prm800k_bad_rating_names_file_and_line(tmp_path):
+  folder = tmp_path / "prm800k"
+  folder.mkdir()
+  row = dict(instruction="q", responses=[], next_response="s", answer=None, is_human_response=False,
+             is_solution=False, is_preferred_response=True, rating=1)
+  with gzip.open(folder / prm800k.FILES["test"], "wt") as f:
+    f.write(json.dumps(row) + "\n" + json.dumps(dict(row, rating=5)) + "\n")
+  with pytest.raises(ValueError, match=r"phase1_test_stepwise.jsonl.gz:2: field 'rating'"):
+    prm800k.read("test", str(tmp_path))
+
+
+def test_prm800k_examples_tokenize_with_offsets(bpe):
+  rec = prm800k.read("test")[1]
+  ex = reward.from_steps(bpe.encode(rec["problem"]), rec["steps"], rec["ratings"], bpe)
+  text = "\n".join(rec["steps"])
+  ids, offsets = bpe.encode_with_offsets(text)
+  ends = np.cumsum([len(s) + 1 for s in rec["steps"]]) - 1
+  for p, e, s in zip(ex.positions, ends, rec["steps"]):
+    a, b = offsets[p]
+    assert a < e - (len(s) - len(s.rstrip())) <= b
+
+
+TINY = ["ArithConfig.sizes = (('human', 200), ('pool', 48), ('validation', 16), ('test', 24), ('test_ood', 8))",
+        "SamplingConfig.num_samples = 4", "TrainConfig.total_steps = 60", "TrainConfig.warmup_steps = 5",
+        "TrainConfig.eval_every = 30", "TrainConfig.checkpoint_every = 10", "TrainConfig.batch_size = 16",
+        "TrainConfig.log_every = 10", "RewardConfig.sample_batch_size = 16"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLICY_SCRIPT = """
+import sys
+from restem_jax import model, partitioning, restem, training, vocab
+import tasks
+cfg = model.ModelConfig(vocab_size=259, d_model=64, num_layers=3, num_heads=4, num_kv_heads=4, mlp_dim=256)
+data = restem.human_examples(tasks.get("arith"), "human", vocab.ByteVocabulary(), 64)
+training.train(cfg, training.TrainConfig(total_steps=150, warmup_steps=10, batch_size=32, learning_rate=3e-3,
+               checkpoint_every=150), data, sys.argv[1], partitioning.make_mesh())
+"""
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)  # one CPU device, as a user's run
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+  """A policy SFT-trained for a few steps on arith's worked solutions (the gin files' architecture)."""
+  workdir = str(tmp_path_factory.mktemp("policy") / "train")
+  subprocess.run([sys.executable, "-c", POLICY_SCRIPT, workdir], cwd=ROOT, env=_env(), check=True,
+                 timeout=600)
+  return workdir
+
+
+def _cmd(gin_file, run_dir, policy, *extra):
+  return [sys.executable, "-m", "restem_jax.main", f"--gin_file={gin_file}", f"--gin.RUN_DIR='{run_dir}'",
+          f"--gin.POLICY='{policy}'", *[f"--gin_bindings={b}" for b in TINY + list(extra)]]
+
+
+def _run(*args):
+  r = subprocess.run(_cmd(*args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(args[1], "summary.json")) as f:
+    summary = json.load(f)
+  summary.pop("wall_time_s")
+  return summary
+
+
+def test_tiny_prm_orm_and_best_of_n(tmp_path, tiny_policy):
+  prm_dir, orm_dir, bon_dir = (str(tmp_path / n) for n in ("prm", "orm", "bon"))
+  prm = _run("gin/train_prm.gin", prm_dir, tiny_policy)
+  assert prm["data"]["train_solutions"] == 48 * 4 and prm["data"]["train_negative_share"] > 0
+  assert prm["test"]["solutions"] > 0 and 0 <= prm["test"]["first_wrong_step_accuracy"] <= 100
+  orm = _run("gin/train_orm.gin", orm_dir, tiny_policy)
+  assert orm["kind"] == "orm" and 0 <= orm["test"]["solution_accuracy"] <= 100
+  summary = _run("gin/best_of_n.gin", bon_dir, tiny_policy, f"ORM='{orm_dir}/train'",
+                 f"PRM='{prm_dir}/train'", "SamplingConfig.num_samples = 8")
+  table = {r["N"]: r for r in summary["table"]}
+  assert sorted(table) == [1, 2, 4, 8] and summary["pool"] == 8 and summary["problems"] == 24
+  for r in table.values():  # nothing beats pass@N; at N = 1 every method is the same
+    assert all(r[k] <= r["pass@N"] + 1e-9 for k in ("majority", "ORM", "PRM", "ORM-weighted", "PRM-weighted"))
+  assert len({round(v, 6) for k, v in table[1].items() if k != "N"}) == 1
+  assert os.path.getsize(os.path.join(bon_dir, "best_of_n.png")) > 10_000
+  assert set(summary["reward_models"]) == {"ORM", "PRM"}
+  # a second start of a finished run redoes nothing and reports the same
+  assert _run("gin/train_prm.gin", prm_dir, tiny_policy) == prm
+
+
+def test_prm_run_killed_during_training_resumes_to_the_same_result(tmp_path, tiny_policy):
+  ref = _run("gin/train_prm.gin", str(tmp_path / "ref"), tiny_policy)
+  run_dir = str(tmp_path / "killed")
+  proc = subprocess.Popen(_cmd("gin/train_prm.gin", run_dir, tiny_policy), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(run_dir, "train", "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(run_dir, "summary.json")), "killed too late to test resume"
+  assert _run("gin/train_prm.gin", run_dir, tiny_policy) == ref
