@@ -61,7 +61,8 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
   from restem_jax import restem
   from restem_jax.checkpoints import absolute
   run_dir, data_dir = absolute(run_dir), absolute(data_dir)
-  config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir))
+  config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir),
+                               prm_filter=absolute(config.prm_filter))
   model, vocab = _setup(model, config.hf_model_dir)
   task = _task(config.task, data_dir, task_options, prompt, chat, vocab)
   transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab), s) for t, s in config.transfer]

@@ -28,7 +28,7 @@ import os
 import jax
 import numpy as np
 
-from restem_jax import evaluation, partitioning, report, rollouts, training
+from restem_jax import evaluation, partitioning, report, reward, rollouts, training
 from restem_jax import model as model_lib
 from restem_jax.runlog import RunLog, read_json, write_json
 from restem_jax.sampling import SamplingConfig
@@ -63,6 +63,10 @@ class RestemConfig:
   seed: int = 0
   hf_model_dir: str = ""  # base model (Hugging Face folder); empty: random init + SFT
   workers: int = 0  # verifier workers (0: one per core)
+  # PRM-filtered E-step: drop answer-correct samples whose PRM score (a reward-model
+  # training folder, gin/train_prm.gin) is below prm_threshold before selection
+  prm_filter: str = ""
+  prm_threshold: float = 0.5
 
 
 # ----------------------------------------------------------------------------- stages
@@ -97,6 +101,20 @@ def e_step(engine: evaluation.Engine, params, task, problems: list[dict], sc: Sa
       rollouts.save(r, path)
     parts.append(r)
   return rollouts.concat(parts)
+
+
+def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len: int
+               ) -> tuple[rollouts.Rollouts, dict]:
+  """`r` with the rewards of answer-correct samples whose PRM score is below
+  `threshold` set to 0.  prm: (model config, reward-model parameters)."""
+  cfg, params = prm
+  scores, _ = reward.scores(cfg, params, reward.from_rollouts(r, vocab, task, "prm", labelled=False),
+                            "prm", max_len=max_len)
+  scores = scores.reshape(r.rewards.shape)
+  drop = (r.rewards > 0) & (scores < threshold)
+  stats = dict(prm_dropped=int(drop.sum()), prm_dropped_fraction_of_correct=float(
+      drop.sum() / max(1, (r.rewards > 0).sum())))
+  return dataclasses.replace(r, rewards=np.where(drop, 0.0, r.rewards).astype(r.rewards.dtype)), stats
 
 
 def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_problem: int,
@@ -213,13 +231,17 @@ def run(run_dir: str, config: RestemConfig = RestemConfig(),
 
 
 def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy, init, human,
-              mstep: training.TrainConfig, stage_dir: str, validate, log: RunLog):
-  """One ReST^EM iteration: E-step with `policy`, select, M-step from `init`.
-  Returns (the M-step's best parameters, the E-step's statistics)."""
+              mstep: training.TrainConfig, stage_dir: str, validate, log: RunLog, prm=None):
+  """One ReST^EM iteration: E-step with `policy` (PRM-filtered with `prm`), select,
+  M-step from `init`.  Returns (the M-step's best parameters, the E-step's statistics)."""
   r = e_step(engine, policy, task, pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
              jax.random.fold_in(jax.random.key(cfg.seed), it))
   kept_path = os.path.join(stage_dir, "kept.jsonl")
+  filtered = {}
+  if prm is not None:
+    r, filtered = prm_filter(r, prm, task, engine.vocab, cfg.prm_threshold, cfg.max_len)
   mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path)
+  stats.update(filtered)
   stats["seqio_task"] = _register_kept(f"{task.name}_restem_iter{it}", kept_path, engine.vocab)
   log(f"iter_{it}", stats)
   data = rollouts.examples(r, mask, engine.vocab.eos_id, cfg.max_len)
@@ -245,6 +267,10 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
   human = human_examples(task, cfg.human_split, engine.vocab, cfg.max_len) \
       if cfg.include_human_data and cfg.human_split else None
 
+  prm = None
+  if cfg.prm_filter:
+    prm = (engine.model, evaluation.load_params(cfg.prm_filter, engine.model, engine.mesh,
+                                                init=reward.init_params))
   base = base_policy(engine, cfg, task, sft, run_dir, validate, log)
   rows = [dict(name="SFT (human data)" if cfg.human_split else "base", iteration=0,
                **evaluate(base, os.path.join(run_dir, "sft"), {}))]
@@ -258,7 +284,7 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
     else:
       init = base if cfg.m_step_init == "base" else policy
       params, stats = iteration(it, engine, cfg, task, pool, policy, init, human, mstep, stage_dir,
-                                validate, log)
+                                validate, log, prm)
       m = evaluate(params, stage_dir, stats)
     rows.append(dict(name=f"ReST^EM iter {it}", iteration=it, **m))
     log.mark(f"iteration {it} evaluated")

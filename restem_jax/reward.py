@@ -286,3 +286,14 @@ def from_steps(prompt: Sequence[int], steps: Sequence[str], ratings: Sequence, v
   ids, offsets = vocab.encode_with_offsets(text)
   labels = [-1 if x is None else RATING_TO_CLASS[x] for x in ratings]
   return prm_example(prompt, ids, [e for _, e in offsets], spans, labels)
+
+
+def convincing_wrong(scores_PxS: np.ndarray, correct_PxS: np.ndarray, per_problem: int) -> np.ndarray:
+  """Active learning (Lightman et al. 2023, sec. 4.2): per problem, the
+  `per_problem` wrong-answer samples the reward model scores highest: the
+  "convincing wrong answers" worth labelling next.  A [P, S] mask."""
+  s = np.where(np.asarray(correct_PxS, bool), -np.inf, np.asarray(scores_PxS, np.float64))
+  order = np.argsort(-s, axis=1, kind="stable")[:, :per_problem]
+  mask = np.zeros(s.shape, bool)
+  np.put_along_axis(mask, order, True, axis=1)
+  return mask & ~np.asarray(correct_PxS, bool)

@@ -54,12 +54,23 @@ class RewardConfig:
   neutral_is_correct: bool = True
   seed: int = 0
   workers: int | None = None
+  # active learning: score `active_samples` more samples per train problem, add the
+  # `active_per_problem` convincing wrong answers of each to the data, retrain; the
+  # same number of uniformly drawn samples is the control
+  active_samples: int = 0
+  active_per_problem: int = 2
+  # PRM step labels of sampled solutions: "exact" (the task's checker) or "mc"
+  # (Math-Shepherd: `mc_rollouts` completions from each step's prefix)
+  labels: str = "exact"
+  mc_rollouts: int = 4
 
   def __post_init__(self):
     if self.kind not in reward.KINDS:
       raise ValueError(f"RewardConfig.kind: {self.kind!r} is not one of {reward.KINDS}")
     if self.source not in ("rollouts", "prm800k"):
       raise ValueError(f"RewardConfig.source: {self.source!r} is not 'rollouts' or 'prm800k'")
+    if self.labels not in ("exact", "mc"):
+      raise ValueError(f"RewardConfig.labels: {self.labels!r} is not 'exact' or 'mc'")
     if self.source == "prm800k" and self.kind != "prm":
       raise ValueError("RewardConfig: PRM800K has step labels only: kind must be 'prm'")
 
@@ -82,6 +93,42 @@ def prm800k_examples(task, vocab, split: str, limit: int) -> list[reward.Labelle
     recs = [r for r in recs if r["problem"] in set(keep)]
   return [reward.from_steps(vocab.encode(task.format_prompt(dict(r, solution="", answer=""))),
                             r["steps"], r["ratings"], vocab) for r in recs]
+
+
+def mc_labels(engine, params, task, r, records, sc: SamplingConfig, seed: int) -> list[reward.Labelled]:
+  """Math-Shepherd's automatic PRM labels for tasks whose steps cannot be checked:
+  from each step's prefix (prompt + the sample's tokens through the step's last
+  token) `sc.num_samples` completions are drawn; the step is POSITIVE if any of
+  them reaches a right answer, else NEGATIVE ("hard" estimation).  Solutions
+  are cut after their first NEGATIVE step, as every PRM example is."""
+  from restem_jax import sampling, verifiers
+  vocab = engine.vocab
+  base = reward.from_rollouts(r, vocab, task, "prm", labelled=False)
+  by_id = {str(x["id"]): x for x in records}
+  prefixes, owners = [], []
+  for k, ex in enumerate(base):
+    for p in ex.positions:
+      prefixes.append(list(ex.prompt) + list(ex.completion[:p + 1]))
+      owners.append((k, p))
+  out = sampling.sample(engine.model, params, prefixes, sc, eos_id=vocab.eos_id, rng=seed,
+                        batch_size=engine.batch_size, mesh=engine.mesh)
+  flat = []
+  for (k, p), i in zip(owners, range(len(prefixes))):
+    rec = by_id[str(r.problem_ids[k // r.num_samples])]
+    head = list(base[k].completion[:p + 1])
+    for c in out.completions(i, vocab.eos_id):
+      flat.append((rec, vocab.decode(head + c)))
+  rewards, _, _ = verifiers.verify_batch(task.verifier, flat, workers=engine.workers)
+  good = (rewards.reshape(len(prefixes), sc.num_samples) > 0).any(1)
+  labels: dict[int, list[int]] = {}
+  for (k, _), g in zip(owners, good):
+    labels.setdefault(k, []).append(reward.POSITIVE if g else reward.NEGATIVE)
+  result = []
+  for k, ex in enumerate(base):
+    lab = labels.get(k, [])
+    n = reward.cut_at_first_negative(lab)
+    result.append(dataclasses.replace(ex, positions=ex.positions[:n], labels=tuple(lab[:n])))
+  return result
 
 
 def step_metrics(per_step: list[np.ndarray], examples: list[reward.Labelled]) -> dict:
@@ -139,13 +186,27 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
         raise ValueError("RewardConfig.policy: a checkpoint to sample from is needed (source 'rollouts')")
       policy = evaluation.load_params(rc.policy, model, mesh)
       engine = _engine(model, vocab, mesh, rc)
-      outs = {}
+      outs, mc_agreement = {}, {}
       for name, split, limit in (("train", rc.train_split, rc.train_limit),
                                  ("validation", rc.validation_split, rc.eval_limit),
                                  ("test", rc.test_split, rc.eval_limit)):
         r = rollouts_for(engine, policy, task, split, limit, rc.sampling,
                          os.path.join(run_dir, "rollouts"), rc.seed)
-        outs[name] = (reward.from_rollouts(r, vocab, task, rc.kind), (r.rewards > 0).reshape(-1))
+        if rc.kind == "prm" and rc.labels == "mc":
+          examples = mc_labels(engine, policy, task, r, _limit(task.load(split), limit),
+                               dataclasses.replace(rc.sampling, num_samples=rc.mc_rollouts),
+                               zlib.crc32(f"mc/{split}".encode()) + rc.seed)
+          if task.step_labels is not None:  # how often MC agrees with the exact labels
+            exact = reward.from_rollouts(r, vocab, task, "prm")
+            same = [a == b for e, m in zip(exact, examples)
+                    for a, b in zip(e.labels, m.labels)]
+            logging.info("%s: MC labels agree with the exact ones on %.1f%% of steps", name,
+                         100 * np.mean(same))
+            log.mark(f"mc {name}")
+            mc_agreement[name] = float(100 * np.mean(same)) if same else None
+        else:
+          examples = reward.from_rollouts(r, vocab, task, rc.kind)
+        outs[name] = (examples, (r.rewards > 0).reshape(-1))
         log.mark(f"rollouts {name}")
     else:
       train_all = prm800k_examples(task, vocab, "train", rc.train_limit)
@@ -154,6 +215,8 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
               "test": (prm800k_examples(task, vocab, "test", rc.eval_limit), None)}
     data = reward.pack(outs["train"][0], rc.max_len)
     stats = {f"{k}_solutions": len(v[0]) for k, v in outs.items()}
+    if rc.source == "rollouts" and mc_agreement:
+      stats["mc_agreement_with_exact"] = mc_agreement
     stats["train_labels"] = int(data["label_mask"].sum())
     stats["train_negative_share"] = float((data["labels"][data["label_mask"] > 0] == reward.NEGATIVE).mean())
     log("data", stats)
@@ -179,13 +242,52 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
         log=lambda m: log(f"train_{rc.kind}", {k: v for k, v in m.items() if k != "step"}, m["step"]))
     test = evaluate_rm(model, best, outs["test"][0], rc.kind, rc, outs["test"][1])
     summary = dict(kind=rc.kind, source=rc.source, validation=score, data=stats,
-                   test={k: round(v, 3) if isinstance(v, float) else v for k, v in test.items()},
-                   wall_time_s=round(log.wall_time(), 1))
+                   test={k: round(v, 3) if isinstance(v, float) else v for k, v in test.items()})
+    if rc.active_samples:
+      summary["active_learning"] = active_learning(
+          run_dir, rc, model, tc, vocab, task, _engine(model, vocab, mesh, rc), policy, best, outs,
+          init_params, validate, mesh, log)
+    summary["wall_time_s"] = round(log.wall_time(), 1)
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log("test", summary["test"])
     log.mark("done")
     log.close()
     return summary
+
+
+def active_learning(run_dir, rc: RewardConfig, model, tc, vocab, task, engine, policy, rm, outs,
+                    init_params, validate, mesh, log) -> dict:
+  """Retrains with the convincing wrong answers of a fresh pool (scored by `rm`)
+  and, as the control, with as many uniformly drawn samples; test metrics of both."""
+  if policy is None:
+    raise ValueError("RewardConfig.active_samples needs source 'rollouts' (a policy to sample)")
+  sc = dataclasses.replace(rc.sampling, num_samples=rc.active_samples)
+  pool = rollouts_for(engine, policy, task, rc.train_split, rc.train_limit, sc,
+                      os.path.join(run_dir, "active_pool"), rc.seed + 1)
+  correct = pool.rewards > 0
+  s, _ = reward.scores(model, rm, reward.from_rollouts(pool, vocab, task, rc.kind, labelled=False),
+                       rc.kind, max_len=rc.max_len, reduction=rc.reduction,
+                       neutral_is_correct=rc.neutral_is_correct)
+  picked = reward.convincing_wrong(s.reshape(correct.shape), correct, rc.active_per_problem).reshape(-1)
+  n = int(picked.sum())
+  control = np.zeros(picked.shape, bool)
+  control[np.random.default_rng(rc.seed).choice(picked.size, n, replace=False)] = True
+  labelled = reward.from_rollouts(pool, vocab, task, rc.kind)
+  out = {"pool_samples": int(picked.size), "selected": n,
+         "selected_mean_score": float(s[picked].mean()) if n else None,
+         "wrong_answer_share_of_pool": float(1 - correct.mean())}
+  for name, mask in (("convincing_wrong", picked), ("random", control)):
+    extra = [ex for ex, m in zip(labelled, mask) if m]
+    data = reward.pack(list(outs["train"][0]) + extra, rc.max_len)
+    params, score, _ = training.train(
+        model, tc, data, os.path.join(run_dir, f"train_{name}"), mesh, loss_fn=reward.loss(model),
+        init_fn=functools.partial(reward.init_params, model), init_params=init_params, validate=validate,
+        log=lambda m, name=name: log(f"train_{name}", {k: v for k, v in m.items() if k != "step"}, m["step"]))
+    test = evaluate_rm(model, params, outs["test"][0], rc.kind, rc, outs["test"][1])
+    out[name] = dict(validation=score, test={k: round(v, 3) if isinstance(v, float) else v
+                                             for k, v in test.items()})
+    log(f"active_{name}", out[name]["test"])
+  return out
 
 
 def load_rm(path: str, model):

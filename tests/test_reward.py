@@ -236,8 +236,12 @@ def test_tiny_prm_orm_and_best_of_n(tmp_path, tiny_policy):
   prm = _run("gin/train_prm.gin", prm_dir, tiny_policy)
   assert prm["data"]["train_solutions"] == 48 * 4 and prm["data"]["train_negative_share"] > 0
   assert prm["test"]["solutions"] > 0 and 0 <= prm["test"]["first_wrong_step_accuracy"] <= 100
-  orm = _run("gin/train_orm.gin", orm_dir, tiny_policy)
+  orm = _run("gin/train_orm.gin", orm_dir, tiny_policy, "RewardConfig.active_samples = 6")
   assert orm["kind"] == "orm" and 0 <= orm["test"]["solution_accuracy"] <= 100
+  al = orm["active_learning"]
+  assert al["pool_samples"] == 48 * 6 and 0 < al["selected"] <= 48 * 2
+  for name in ("convincing_wrong", "random"):
+    assert 0 <= al[name]["test"]["solution_accuracy"] <= 100
   summary = _run("gin/best_of_n.gin", bon_dir, tiny_policy, f"ORM='{orm_dir}/train'",
                  f"PRM='{prm_dir}/train'", "SamplingConfig.num_samples = 8")
   table = {r["N"]: r for r in summary["table"]}
@@ -264,3 +268,49 @@ def test_prm_run_killed_during_training_resumes_to_the_same_result(tmp_path, tin
   proc.wait()
   assert not os.path.exists(os.path.join(run_dir, "summary.json")), "killed too late to test resume"
   assert _run("gin/train_prm.gin", run_dir, tiny_policy) == ref
+
+
+def _rollouts(texts_per_problem, rewards):
+  from restem_jax import rollouts
+  rows = [[BYTES.encode(t) for t in ts] for ts in texts_per_problem]
+  width = max(len(t) for ts in rows for t in ts)
+  toks = np.zeros((len(rows), len(rows[0]), width), np.int32)
+  lengths = np.zeros(toks.shape[:2], np.int32)
+  for i, ts in enumerate(rows):
+    for j, t in enumerate(ts):
+      toks[i, j, :len(t)], lengths[i, j] = t, len(t)
+  prompts = np.array([BYTES.encode("1+2*3=")] * len(rows), np.int32)
+  return rollouts.Rollouts(
+      problem_ids=np.array([f"p{i}" for i in range(len(rows))]), prompt_tokens=prompts,
+      prompt_lengths=np.full(len(rows), prompts.shape[1], np.int32), tokens=toks, lengths=lengths,
+      logprobs=np.zeros(toks.shape, np.float32), rewards=np.asarray(rewards, np.float32),
+      statuses=np.full(lengths.shape, "ok"), answers=np.full(lengths.shape, "9"))
+
+
+@pytest.mark.parametrize("bias, dropped", [((0.0, 0.0, 8.0), 0), ((8.0, 0.0, 0.0), 3)])
+def test_prm_filter_drops_correct_samples_the_prm_scores_low(bias, dropped):
+  from restem_jax import restem
+  cfg = model.ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=64)
+  params = nn.unbox(reward.init_params(cfg, jax.random.key(0)))
+  params["head"] = {"kernel": jnp.zeros((32, 3)), "bias": jnp.asarray(bias)}
+  r = _rollouts([["1+2=3;3*3=9\n#### 9", "1+2=4;4*3=9\n#### 9"], ["1+2=3;3*3=9\n#### 9", "x\n#### 8"]],
+                [[1.0, 1.0], [1.0, 0.0]])
+  out, stats = restem.prm_filter(r, (cfg, params), tasks.get("arith"), BYTES, 0.5, 64)
+  assert stats["prm_dropped"] == dropped and int((out.rewards > 0).sum()) == 3 - dropped
+  assert out.rewards[1, 1] == 0 and (out.tokens == r.tokens).all()
+
+
+def test_convincing_wrong_answers_are_the_top_scored_wrong_ones():
+  scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.2, 0.3, 0.4, 0.5]])
+  correct = np.array([[True, False, False, False], [True, True, True, True]])
+  mask = reward.convincing_wrong(scores, correct, 2)
+  np.testing.assert_array_equal(mask, [[False, True, True, False], [False] * 4])
+
+
+def test_monte_carlo_step_labels_agree_with_exact_ones_on_arith(tmp_path, tiny_policy):
+  """Math-Shepherd labels (completions from each step's prefix) against arith's exact labels."""
+  summary = _run("gin/train_prm.gin", str(tmp_path / "mc"), tiny_policy, "RewardConfig.labels = 'mc'",
+                 "RewardConfig.mc_rollouts = 4", "TrainConfig.total_steps = 20")
+  agree = summary["data"]["mc_agreement_with_exact"]
+  assert set(agree) == {"train", "validation", "test"} and summary["data"]["train_labels"] > 0
+  assert all(v > 60 for v in agree.values()), agree
