@@ -109,20 +109,55 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
 
 
 def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="test", limit=0,
-                   sampling=None, num_subsets=200, config=None, mesh_shape=(-1, 1, 1), data_dir="",
-                   task_options=None, hf_model_dir="", prompt="", chat=None):
-  """Best-of-N of `policy`'s samples: pass@N, majority, ORM / PRM picks and weighted votes."""
-  from restem_jax import reward_run
+                   sampling=None, num_subsets=200, config=None, reward_train=None, filter_restem=None,
+                   filter_mstep=None, mesh_shape=(-1, 1, 1), data_dir="", task_options=None,
+                   hf_model_dir="", prompt="", chat=None):
+  """Best-of-N of `policy`'s samples: pass@N, majority, ORM / PRM picks and weighted
+  votes.  An empty `orm` / `prm` is trained here first (run_dir/orm, run_dir/prm,
+  with `config` and `reward_train`); with `filter_restem` (a RestemConfig) one
+  ReST^EM run from `policy` without and one with the PRM filter are compared."""
+  import dataclasses
+  from restem_jax import restem, reward_run
   from restem_jax.checkpoints import absolute
+  from restem_jax.runlog import write_json
   from restem_jax.sampling import SamplingConfig
   run_dir, policy, orm, prm, data_dir, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, data_dir,
                                                                     hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
-  return reward_run.best_of_n_run(
-      run_dir, policy or hf_model_dir, orm, prm, model, vocab,
-      _task(task, data_dir, task_options, prompt, chat, vocab), split, limit,
+  the_task = _task(task, data_dir, task_options, prompt, chat, vocab)
+  config = config or reward_run.RewardConfig()
+  trained = {}
+  for kind in ("orm", "prm"):
+    if (orm if kind == "orm" else prm) or reward_train is None:
+      continue
+    trained[kind] = reward_run.train_run(
+        os.path.join(run_dir, kind), dataclasses.replace(config, kind=kind, policy=policy or hf_model_dir),
+        model, reward_train, vocab, the_task, tuple(mesh_shape))
+  orm = orm or (os.path.join(run_dir, "orm", "train") if "orm" in trained else "")
+  prm = prm or (os.path.join(run_dir, "prm", "train") if "prm" in trained else "")
+  summary = reward_run.best_of_n_run(
+      run_dir, policy or hf_model_dir, orm, prm, model, vocab, the_task, split, limit,
       sampling or SamplingConfig(num_samples=16, temperature=1.0, max_new_tokens=48), num_subsets,
-      config or reward_run.RewardConfig(), tuple(mesh_shape))
+      config, tuple(mesh_shape))
+  if "prm" in trained:
+    t = trained["prm"]["test"]
+    summary["first_wrong_step"] = {"accuracy": t["first_wrong_step_accuracy"], "solutions": t["solutions"],
+                                   "always_none_baseline": t["always_none_baseline"]}
+  if filter_restem is not None and prm:
+    summary["prm_filter"] = {}
+    for name, path in (("without", ""), ("with", prm)):
+      cfg = dataclasses.replace(filter_restem, base_checkpoint=policy, prm_filter=path)
+      s = restem.run(os.path.join(run_dir, f"restem_{name}_prm_filter"), cfg, model,
+                     mstep=filter_mstep, mesh_shape=tuple(mesh_shape), vocab=vocab, task=the_task,
+                     transfer=[])
+      last = s["iterations"][-1]
+      summary["prm_filter"][name] = {
+          "kept_with_wrong_step": last.get("kept_with_wrong_step"), "kept_samples": last.get("kept_samples"),
+          "test_pass_at_1_before": s["baseline_test_pass_at_1"], "test_pass_at_1": last["test_pass_at_1"],
+          "prm_dropped": last.get("prm_dropped", 0)}
+    print(json.dumps(summary["prm_filter"], indent=1))
+  write_json(os.path.join(run_dir, "summary.json"), summary)
+  return summary
 
 
 def execute(fn):

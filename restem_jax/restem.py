@@ -62,6 +62,7 @@ class RestemConfig:
   patience: int = 1  # stop when validation has not improved for this many iterations
   seed: int = 0
   hf_model_dir: str = ""  # base model (Hugging Face folder); empty: random init + SFT
+  base_checkpoint: str = ""  # a training folder to start from (no SFT stage)
   workers: int = 0  # verifier workers (0: one per core)
   # PRM-filtered E-step: drop answer-correct samples whose PRM score (a reward-model
   # training folder, gin/train_prm.gin) is below prm_threshold before selection
@@ -176,6 +177,8 @@ def evaluate_stage(engine, params, task, splits: dict, transfer: list, cfg: Rest
 def base_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_dir: str,
                 validate, log: RunLog):
   """The base policy: SFT on the human split (the baseline), or the given model."""
+  if cfg.base_checkpoint:
+    return evaluation.load_params(cfg.base_checkpoint, engine.model, engine.mesh)
   init = None
   if cfg.hf_model_dir:
     from restem_jax import hf

@@ -60,7 +60,8 @@ class RewardConfig:
   active_samples: int = 0
   active_per_problem: int = 2
   # PRM step labels of sampled solutions: "exact" (the task's checker) or "mc"
-  # (Math-Shepherd: `mc_rollouts` completions from each step's prefix)
+  # (Math-Shepherd: `mc_rollouts` completions from each step's prefix; for training,
+  # while validation and test keep exact labels where the task has them)
   labels: str = "exact"
   mc_rollouts: int = 4
 
@@ -192,7 +193,8 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
                                  ("test", rc.test_split, rc.eval_limit)):
         r = rollouts_for(engine, policy, task, split, limit, rc.sampling,
                          os.path.join(run_dir, "rollouts"), rc.seed)
-        if rc.kind == "prm" and rc.labels == "mc":
+        # MC labels train the PRM; it is judged on exact labels where the task has them
+        if rc.kind == "prm" and rc.labels == "mc" and (name == "train" or task.step_labels is None):
           examples = mc_labels(engine, policy, task, r, _limit(task.load(split), limit),
                                dataclasses.replace(rc.sampling, num_samples=rc.mc_rollouts),
                                zlib.crc32(f"mc/{split}".encode()) + rc.seed)
@@ -330,7 +332,11 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
     best_of_n.plot(df, os.path.join(run_dir, "best_of_n.png"),
                    f"{task.name}/{split}: {r.num_problems} problems, pool of {r.num_samples}")
     print(df.round(1).to_string())
-    summary = dict(problems=r.num_problems, pool=r.num_samples, table=df.round(2).reset_index().to_dict("records"),
+    cols = {"pass@N": "pass_at_n", "majority": "majority", "ORM": "orm", "PRM": "prm",
+            "ORM-weighted": "orm_weighted", "PRM-weighted": "prm_weighted"}
+    table = {"N": [int(n) for n in df.index]}
+    table.update({key: [round(float(v), 2) for v in df[col]] for col, key in cols.items() if col in df})
+    summary = dict(problems=r.num_problems, pool=r.num_samples, best_of_n=table,
                    reward_models=rm_metrics, wall_time_s=round(log.wall_time(), 1))
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log.mark("done")

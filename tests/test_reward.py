@@ -243,14 +243,20 @@ def test_tiny_prm_orm_and_best_of_n(tmp_path, tiny_policy):
   for name in ("convincing_wrong", "random"):
     assert 0 <= al[name]["test"]["solution_accuracy"] <= 100
   summary = _run("gin/best_of_n.gin", bon_dir, tiny_policy, f"ORM='{orm_dir}/train'",
-                 f"PRM='{prm_dir}/train'", "SamplingConfig.num_samples = 8")
-  table = {r["N"]: r for r in summary["table"]}
-  assert sorted(table) == [1, 2, 4, 8] and summary["pool"] == 8 and summary["problems"] == 24
-  for r in table.values():  # nothing beats pass@N; at N = 1 every method is the same
-    assert all(r[k] <= r["pass@N"] + 1e-9 for k in ("majority", "ORM", "PRM", "ORM-weighted", "PRM-weighted"))
-  assert len({round(v, 6) for k, v in table[1].items() if k != "N"}) == 1
+                 f"PRM='{prm_dir}/train'", "pool/SamplingConfig.num_samples = 8", "filter/RestemConfig.pass_k = (1,)",
+                 "mstep/TrainConfig.total_steps = 20", "filter/RestemConfig.mstep_epochs = 0.0",
+                 "filter/RestemConfig.sample_batch_size = 16")
+  table = summary["best_of_n"]
+  assert table["N"] == [1, 2, 4, 8] and summary["pool"] == 8 and summary["problems"] == 24
+  methods = ("majority", "orm", "prm", "orm_weighted", "prm_weighted")
+  for i in range(4):  # nothing beats pass@N; at N = 1 every method is the same
+    assert all(table[k][i] <= table["pass_at_n"][i] + 1e-9 for k in methods)
+  assert len({table[k][0] for k in methods + ("pass_at_n",)}) == 1
   assert os.path.getsize(os.path.join(bon_dir, "best_of_n.png")) > 10_000
   assert set(summary["reward_models"]) == {"ORM", "PRM"}
+  pf = summary["prm_filter"]
+  assert pf["with"]["kept_samples"] + pf["with"]["prm_dropped"] >= pf["without"]["kept_samples"] - 1e-9
+  assert pf["without"]["prm_dropped"] == 0 and pf["with"]["test_pass_at_1_before"] == pf["without"]["test_pass_at_1_before"]
   # a second start of a finished run redoes nothing and reports the same
   assert _run("gin/train_prm.gin", prm_dir, tiny_policy) == prm
 
@@ -312,5 +318,23 @@ def test_monte_carlo_step_labels_agree_with_exact_ones_on_arith(tmp_path, tiny_p
   summary = _run("gin/train_prm.gin", str(tmp_path / "mc"), tiny_policy, "RewardConfig.labels = 'mc'",
                  "RewardConfig.mc_rollouts = 4", "TrainConfig.total_steps = 20")
   agree = summary["data"]["mc_agreement_with_exact"]
-  assert set(agree) == {"train", "validation", "test"} and summary["data"]["train_labels"] > 0
+  assert set(agree) == {"train"} and summary["data"]["train_labels"] > 0
   assert all(v > 60 for v in agree.values()), agree
+
+
+def test_prm_on_prm800k_runs_end_to_end(tmp_path):
+  """The PRM800K source: human step labels, train / validation / phase1_test, from scratch."""
+  run_dir = str(tmp_path / "prm800k")
+  cmd = [sys.executable, "-m", "restem_jax.main", "--gin_file=gin/train_prm.gin", f"--gin.RUN_DIR='{run_dir}'",
+         "--gin.SOURCE='prm800k'", "--gin.TASK='math'", "--gin.RewardConfig.init='scratch'",
+         "--gin.RewardConfig.train_limit=6", "--gin.RewardConfig.eval_limit=3",
+         "--gin.RewardConfig.max_len=384", "--gin.TrainConfig.total_steps=6", "--gin.TrainConfig.eval_every=6",
+         "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.warmup_steps=2"]
+  r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    summary = json.load(f)
+  test_rows = [x for x in prm800k.read("test") if x["problem"] in
+               list(dict.fromkeys(y["problem"] for y in prm800k.read("test")))[:3]]
+  assert summary["data"]["test_solutions"] == len(test_rows) and summary["data"]["train_labels"] > 0
+  assert 0 < summary["data"]["train_negative_share"] < 1 and summary["test"]["solutions"] > 0
