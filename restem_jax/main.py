@@ -155,8 +155,8 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
           "kept_with_wrong_step": last.get("kept_with_wrong_step"), "kept_samples": last.get("kept_samples"),
           "test_pass_at_1_before": s["baseline_test_pass_at_1"], "test_pass_at_1": last["test_pass_at_1"],
           "prm_dropped": last.get("prm_dropped", 0)}
-    print(json.dumps(summary["prm_filter"], indent=1))
   write_json(os.path.join(run_dir, "summary.json"), summary)
+  print(json.dumps({k: summary[k] for k in ("first_wrong_step", "prm_filter") if k in summary}, indent=1))
   return summary
 
 
