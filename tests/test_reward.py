@@ -334,7 +334,8 @@ def test_prm_on_prm800k_runs_end_to_end(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(run_dir, "summary.json")) as f:
     summary = json.load(f)
-  test_rows = [x for x in prm800k.read("test") if x["problem"] in
-               list(dict.fromkeys(y["problem"] for y in prm800k.read("test")))[:3]]
+  rows = prm800k.read("test")
+  first3 = set(list(dict.fromkeys(y["problem"] for y in rows))[:3])
+  test_rows = [x for x in rows if x["problem"] in first3]
   assert summary["data"]["test_solutions"] == len(test_rows) and summary["data"]["train_labels"] > 0
   assert 0 < summary["data"]["train_negative_share"] < 1 and summary["test"]["solutions"] > 0
