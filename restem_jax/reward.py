@@ -173,21 +173,16 @@ def orm_example(prompt: Sequence[int], completion: Sequence[int], correct: bool 
 def pack(examples: Sequence[Labelled], max_len: int) -> dict:
   """Labelled solutions -> a training batch (see the module docstring); positions
   past max_len are dropped, examples left without a position are dropped."""
-  rows = []
-  for ex in examples:
-    p = len(ex.prompt)
-    toks = (list(ex.prompt) + list(ex.completion))[:max_len]
-    lab = [(p + i, l) for i, l in zip(ex.positions, ex.labels) if p + i < max_len and l >= 0]
-    if lab:
-      rows.append((toks, lab))
-  tokens = np.zeros((len(rows), max_len), np.int32)
+  examples = [ex for ex in examples
+              if any(len(ex.prompt) + i < max_len and l >= 0 for i, l in zip(ex.positions, ex.labels))]
+  tokens, _ = positions_batch(examples, max_len)
   labels = np.zeros_like(tokens)
   mask = np.zeros_like(tokens)
-  for r, (toks, lab) in enumerate(rows):
-    tokens[r, :len(toks)] = toks
-    for i, l in lab:
-      labels[r, i], mask[r, i] = l, 1
-  return dict(tokens=tokens, labels=labels, label_mask=mask, reward=np.ones(len(rows), np.float32))
+  for r, ex in enumerate(examples):
+    for i, l in zip(ex.positions, ex.labels):
+      if len(ex.prompt) + i < max_len and l >= 0:
+        labels[r, len(ex.prompt) + i], mask[r, len(ex.prompt) + i] = l, 1
+  return dict(tokens=tokens, labels=labels, label_mask=mask, reward=np.ones(len(examples), np.float32))
 
 
 def positions_batch(examples: Sequence[Labelled], max_len: int) -> tuple[np.ndarray, list[list[int]]]:
