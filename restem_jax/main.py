@@ -23,6 +23,10 @@ def parse_flags(argv):
   ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   ap.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
   ap.add_argument("--gin_search_path", action="append", default=[], help="folder to find gin files in")
+  mh = ap.add_argument_group("several processes (hosts); Cloud TPU VMs and SLURM need none of these")
+  mh.add_argument("--coordinator_address", default="", help="HOST:PORT of process 0")
+  mh.add_argument("--num_processes", type=int, default=0, help="processes in the run")
+  mh.add_argument("--process_id", type=int, default=-1, help="this process (0 .. num_processes-1)")
   args, rest = ap.parse_known_args(argv)
   bindings = list(args.gin_bindings)
   for a in rest:
@@ -32,7 +36,7 @@ def parse_flags(argv):
       ap.error(f"unrecognised argument {a!r} (use --gin.NAME=VALUE for gin bindings)")
   if not args.gin_file:
     ap.error("give at least one --gin_file (e.g. gin/restem_arith.gin)")
-  return args.gin_file, bindings, args.gin_search_path
+  return args, bindings
 
 
 def _setup(model, hf_model_dir):
@@ -188,29 +192,31 @@ def register_configurables():
 
 
 def main(argv=None):
-  files, bindings, search = parse_flags(sys.argv[1:] if argv is None else argv)
+  args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty
-  from restem_jax import partitioning
-  partitioning.maybe_initialize_distributed()
+  from restem_jax import multihost
+  multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
   import gin
   run = register_configurables()
-  for p in search + [os.getcwd(), os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]:
+  for p in args.gin_search_path + [os.getcwd(), os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]:
     gin.add_config_file_search_path(p)
-  gin.parse_config_files_and_bindings(files, bindings)
+  gin.parse_config_files_and_bindings(args.gin_file, bindings)
   try:
     run_dir = gin.query_parameter("%RUN_DIR")
   except (ValueError, KeyError):
     run_dir = None
-  if run_dir:
+  writer = run_dir and multihost.is_writer()
+  if writer:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
   result = run()
-  if run_dir:
+  if writer:
     with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
       f.write(gin.operative_config_str())
+  multihost.barrier("main done")  # process 0 hosts the coordinator: it leaves last
   return result
 
 

@@ -8,7 +8,6 @@ replicated instead of failing, so small models run on any mesh.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -34,18 +33,6 @@ DEFAULT_RULES = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
-
-
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when several processes run.
-
-  On Cloud TPU pods and SLURM/Open MPI clusters JAX discovers the coordinator
-  itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID.  Must run before any other JAX call.
-  """
-  if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ \
-      or "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-    jax.distributed.initialize()
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
@@ -100,19 +87,3 @@ def sharding_for(mesh: Mesh, logical_names: tuple, shape: tuple, rules=DEFAULT_R
 
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def host_local_batch_to_global(batch: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-  """Each host feeds its own slice of the batch; returns global jax Arrays.
-
-  With one process this is a sharded `device_put` of the whole batch.
-  """
-  def put(x):
-    x = np.asarray(x)
-    names = ("batch",) + (None,) * (x.ndim - 1)
-    if jax.process_count() == 1:
-      return jax.device_put(x, sharding_for(mesh, names, x.shape, rules))
-    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    sharding = sharding_for(mesh, names, global_shape, rules)
-    return jax.make_array_from_process_local_data(sharding, x, global_shape)
-  return jax.tree.map(put, batch)

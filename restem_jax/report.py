@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from restem_jax import multihost
+
 COLUMNS = [("train pass@1", "train_pass_at_1"), ("val pass@1", "validation_pass_at_1"),
            ("test pass@1", "test_pass_at_1"), ("gap", "train_test_gap")]
 
@@ -94,6 +96,8 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float) -> dict:
       baseline=rows[0],
       iterations=iters)
   t = table(rows, cfg)
+  if not multihost.is_writer():  # process 0 writes the report
+    return summary
   md = (f"# ReST^EM on `{cfg.task}`\n\n{markdown(t)}\n\nAccuracies in %. Best iteration by "
         f"validation: {best['iteration']} (test pass@1 {100 * best['test_pass_at_1']:.1f} vs "
         f"baseline {100 * rows[0]['test_pass_at_1']:.1f}). Wall time {wall_time_s:.0f} s.\n")

@@ -28,7 +28,7 @@ import os
 import jax
 import numpy as np
 
-from restem_jax import evaluation, partitioning, report, reward, rollouts, training
+from restem_jax import evaluation, multihost, partitioning, report, reward, rollouts, training
 from restem_jax import model as model_lib
 from restem_jax.runlog import RunLog, read_json, write_json
 from restem_jax.sampling import SamplingConfig
@@ -132,9 +132,10 @@ def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_proble
                estep_sample_accuracy=float((r.rewards > 0).mean()))
   if task.step_checker and kept:
     stats["kept_with_wrong_step"] = float(np.mean([not all(task.step_checker(k["completion"])) for k in kept]))
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(k) + "\n" for k in kept)
-  os.replace(path + ".tmp", path)
+  if multihost.is_writer():
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(k) + "\n" for k in kept)
+    os.replace(path + ".tmp", path)
   return mask, stats
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from restem_jax import sampling, training
+from restem_jax import multihost, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -121,11 +121,15 @@ def verify(r: Rollouts, records: Sequence[dict], verifier, vocab, *, stop: Seque
     raise ValueError("verify: records do not match the rollouts' problem ids")
   texts = r.texts(vocab, stop)
   flat = [(rec, t) for rec, ts in zip(records, texts) for t in ts]
-  rewards, results, _ = verifiers.verify_batch(verifier, flat, workers=workers, progress=progress,
-                                               desc="verifying")
+  # with several processes each host verifies every P-th sample, and all get all verdicts
+  results = multihost.split_map(
+      lambda items: verifiers.verify_batch(verifier, items, workers=workers, progress=progress,
+                                           desc="verifying")[1], flat,
+      encode=lambda x: [x.reward, x.status, x.answer or ""],
+      decode=lambda x: verifiers.Result(x[0], x[1], answer=x[2]))
   shape = (r.num_problems, r.num_samples)
   return dataclasses.replace(
-      r, rewards=rewards.reshape(shape),
+      r, rewards=np.asarray([x.reward for x in results], np.float32).reshape(shape),
       statuses=np.asarray([x.status for x in results], dtype=str).reshape(shape),
       answers=np.asarray([x.answer or "" for x in results], dtype=str).reshape(shape))
 
@@ -151,7 +155,9 @@ def examples(r: Rollouts, keep: np.ndarray, eos_id: int, max_len: int) -> dict:
 
 
 def save(r: Rollouts, path: str) -> None:
-  """Atomically writes `path` (.npz)."""
+  """Atomically writes `path` (.npz); with several processes only process 0 writes."""
+  if not multihost.is_writer():
+    return
   tmp = path + ".tmp.npz"
   np.savez(tmp, **{f.name: getattr(r, f.name) for f in dataclasses.fields(Rollouts)})
   os.replace(tmp, path)

@@ -6,8 +6,13 @@ import json
 import os
 import time
 
+from restem_jax import multihost
+
 
 def write_json(path: str, obj) -> None:
+  """Atomically writes `path`; with several processes only process 0 writes."""
+  if not multihost.is_writer():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
@@ -23,19 +28,23 @@ def read_json(path: str):
 
 class RunLog:
   """Appends rows to `run_dir/metrics.jsonl` (and TensorBoard when tensorboardX
-  is installed); `wall_time()` counts the time of earlier, interrupted runs too."""
+  is installed); `wall_time()` counts the time of earlier, interrupted runs too.
+  With several processes only process 0 writes."""
 
   def __init__(self, run_dir: str):
     os.makedirs(run_dir, exist_ok=True)
     self.run_dir = run_dir
+    self._writer = multihost.is_writer()
     self._progress = os.path.join(run_dir, "progress.json")
     self._before = read_json(self._progress)["wall_time_s"] if os.path.exists(self._progress) else 0.0
     self._t0 = time.time()
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-    except ImportError:
-      self._tb = None
+    self._tb = None
+    if self._writer:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+      except ImportError:
+        pass
 
   def wall_time(self) -> float:
     return self._before + time.time() - self._t0
@@ -44,6 +53,8 @@ class RunLog:
     write_json(self._progress, {"wall_time_s": self.wall_time(), "stage": stage})
 
   def __call__(self, stage: str, metrics: dict, step: int | None = None) -> None:
+    if not self._writer:
+      return
     row = dict(stage=stage, time=round(self.wall_time(), 2), **({"step": step} if step is not None else {}),
                **metrics)
     with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from restem_jax import model as model_lib
-from restem_jax import partitioning
+from restem_jax import multihost, partitioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +252,9 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   Prompts are processed `batch_size` at a time (the last batch padded, so every
   call has the same shape).  Prompt length is bucketed to a power of two, or
   fixed with `max_prompt_len`.  With a mesh the batch is sharded over the
-  data axes (`batch_size` is rounded up to a multiple of their size).
+  data axes (`batch_size` is rounded up to a multiple of their size); with
+  several processes every host passes the same prompts, its devices sample
+  their rows, and every host gets all the samples back.
   `progress(num_done)` is called after each batch.
   """
   if isinstance(rng, int):
@@ -271,16 +273,16 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
     chunk = prompt_tokens[start:start + batch_size]
     toks, mask = left_pad(chunk, plen, batch_size, pad_id)
     if mesh is not None:
-      toks, mask = (jax.device_put(a, partitioning.sharding_for(mesh, ("batch", "length"), a.shape, rules))
-                    for a in (toks, mask))
+      toks, mask = (multihost.global_array(a, partitioning.sharding_for(mesh, ("batch", "length"), a.shape,
+                                                                        rules)) for a in (toks, mask))
     t, l, lp = generate(params, toks, mask, jax.random.fold_in(rng, start),
                         jnp.int32(eos_id), jnp.int32(pad_id), cfg=cfg, sc=sc.device_part(),
                         rules=rules)
     k = len(chunk)
     shape = (batch_size, num_samples, max_new_tokens)
-    out_t[start:start + k] = np.asarray(t).reshape(shape)[:k]
-    out_lp[start:start + k] = np.asarray(lp).reshape(shape)[:k]
-    out_l[start:start + k] = np.asarray(l).reshape(shape[:2])[:k]
+    out_t[start:start + k] = multihost.to_host(t).reshape(shape)[:k]
+    out_lp[start:start + k] = multihost.to_host(lp).reshape(shape)[:k]
+    out_l[start:start + k] = multihost.to_host(l).reshape(shape[:2])[:k]
     if progress:
       progress(min(start + batch_size, num))
   return Samples(out_t, out_l, out_lp)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from restem_jax import checkpoints
+from restem_jax import checkpoints, multihost
 from restem_jax import model as model_lib
 from restem_jax import partitioning
 
@@ -254,8 +254,8 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: Loss
   better) runs every `eval_every` steps and at the end; orbax keeps the best
   step (`best_fn`) beside the latest ones.  Returns (best_params, best_score,
   final_state); without `validate`, the final parameters and None.  With
-  several processes every host computes the same global batch and feeds its
-  own slice of it.
+  several processes every host computes the same global batch and places the
+  shards of its own devices.
   """
   loss_fn = loss_fn or nll_loss(cfg)
   init_fn = init_fn or functools.partial(model_lib.init_params, cfg)
@@ -287,11 +287,7 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: Loss
   t0 = time.time()
   for step in range(start, tc.total_steps):
     batch = batch_for_step(data, step, tc.batch_size, tc.seed)
-    if jax.process_count() > 1:
-      per_host = tc.batch_size // jax.process_count()
-      lo = jax.process_index() * per_host
-      batch = partitioning.host_local_batch_to_global(
-          {k: v[lo:lo + per_host] for k, v in batch.items()}, mesh, rules)
+    batch = jax.tree.map(lambda x: multihost.global_array(x, batch_sharding(mesh, rules)), batch)
     state, metrics = step_fn(state, batch)
     done = step + 1
     if log and (done % tc.log_every == 0 or done == tc.total_steps):

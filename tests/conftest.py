@@ -39,3 +39,31 @@ def make_bpe_vocab(folder):
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
     json.dump({"eos_token": "</s>"}, f)
   return vocab.HFTokenizerVocabulary(str(folder))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(devices: int = 1) -> dict:
+  """The environment of a run started as a user starts it (`devices` CPU devices)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+  """The tiny ReST^EM run as a user types it: a relative gin file and a relative
+  run directory, from a working directory that is not the project's (orbax
+  needs absolute paths).  (run_dir, summary)."""
+  import json
+  import subprocess
+  cwd = tmp_path_factory.mktemp("tiny")
+  cmd = [sys.executable, "-m", "restem_jax.main", "--gin_file=gin/restem_arith_tiny.gin",
+         "--gin.RUN_DIR='runs/tiny'"]
+  r = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  run_dir = str(cwd / "runs" / "tiny")
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    return run_dir, json.load(f)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from restem_jax.sampling import SamplingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,10 +21,7 @@ def _cmd(run_dir):
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # one CPU device, as a user's run
-  env["PYTHONPATH"] = ROOT
-  return env
+  return subprocess_env()  # one CPU device, as a user's run
 
 
 def _run(run_dir):
@@ -37,20 +35,6 @@ def _strip_times(summary):
   s = json.loads(json.dumps(summary))
   s.pop("wall_time_s")
   return s
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  """As a user types it: a relative gin file and a relative run directory, from a
-  working directory that is not the project's (orbax needs absolute paths)."""
-  cwd = tmp_path_factory.mktemp("tiny")
-  cmd = [sys.executable, "-m", "restem_jax.main", "--gin_file=gin/restem_arith_tiny.gin",
-         "--gin.RUN_DIR='runs/tiny'"]
-  r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  run_dir = str(cwd / "runs" / "tiny")
-  with open(os.path.join(run_dir, "summary.json")) as f:
-    return run_dir, json.load(f)
 
 
 def test_tiny_run_writes_everything(uninterrupted):
