@@ -88,7 +88,8 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
                            ks=tuple(ks), batch_size=batch_size, limit=limit or None)
   summary = df.attrs["summary"]
   print(json.dumps(summary, indent=1))
-  if out:
+  from restem_jax import multihost
+  if out and multihost.is_writer():
     os.makedirs(out, exist_ok=True)
     df.to_json(os.path.join(out, f"{task}_{split}.jsonl"), orient="records", lines=True)
     with open(os.path.join(out, f"{task}_{split}_summary.json"), "w") as f:

@@ -276,7 +276,7 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
     prm = (engine.model, evaluation.load_params(cfg.prm_filter, engine.model, engine.mesh,
                                                 init=reward.init_params))
   base = base_policy(engine, cfg, task, sft, run_dir, validate, log)
-  rows = [dict(name="SFT (human data)" if cfg.human_split else "base", iteration=0,
+  rows = [dict(name="SFT (human data)" if cfg.human_split and not cfg.base_checkpoint else "base", iteration=0,
                **evaluate(base, os.path.join(run_dir, "sft"), {}))]
   log.mark("base evaluated")
   policy, best_val, since_best = base, rows[0]["validation_pass_at_1"], 0

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from restem_jax import multihost
 from restem_jax import model as model_lib
 
 NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
@@ -99,7 +100,7 @@ def class_probs(cfg, params, tokens: np.ndarray, batch_size: int = 64) -> np.nda
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fn(params, chunk))[:batch_size - pad])
+    out.append(multihost.to_host(fn(params, chunk))[:batch_size - pad])
   return np.concatenate(out) if out else np.zeros((0,) + tokens.shape[1:] + (3,), np.float32)
 
 

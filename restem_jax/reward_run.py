@@ -29,7 +29,7 @@ import zlib
 import jax
 import numpy as np
 
-from restem_jax import best_of_n, evaluation, partitioning, restem, reward, training
+from restem_jax import best_of_n, evaluation, multihost, partitioning, restem, reward, training
 from restem_jax import model as model_lib
 from restem_jax.runlog import RunLog, write_json
 from restem_jax.sampling import SamplingConfig
@@ -323,14 +323,16 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
         s, _ = reward.scores(model, load_rm(path, model), examples, kind, max_len=rc.max_len,
                              reduction=rc.reduction, neutral_is_correct=rc.neutral_is_correct)
         saved[name] = s.reshape(correct.shape)
-        np.savez(cache + ".tmp.npz", **saved)
-        os.replace(cache + ".tmp.npz", cache)
+        if multihost.is_writer():
+          np.savez(cache + ".tmp.npz", **saved)
+          os.replace(cache + ".tmp.npz", cache)
       scores[name] = saved[name]
       rm_metrics[name] = outcome_metrics(scores[name].reshape(-1), correct.reshape(-1))
     df = best_of_n.table(correct, answers, scores, num_subsets=num_subsets, seed=rc.seed)
-    df.round(2).to_csv(os.path.join(run_dir, "best_of_n.csv"))
-    best_of_n.plot(df, os.path.join(run_dir, "best_of_n.png"),
-                   f"{task.name}/{split}: {r.num_problems} problems, pool of {r.num_samples}")
+    if multihost.is_writer():
+      df.round(2).to_csv(os.path.join(run_dir, "best_of_n.csv"))
+      best_of_n.plot(df, os.path.join(run_dir, "best_of_n.png"),
+                     f"{task.name}/{split}: {r.num_problems} problems, pool of {r.num_samples}")
     print(df.round(1).to_string())
     cols = {"pass@N": "pass_at_n", "majority": "majority", "ORM": "orm", "PRM": "prm",
             "ORM-weighted": "orm_weighted", "PRM-weighted": "prm_weighted"}
