@@ -4,7 +4,9 @@
   1. string normalisation (\\dfrac, \\left, \\text{units}, degrees, $, %, "x =",
      thousands separators, spaces, \\sqrt2, \\frac12) and comparison;
   2. numbers (integers, decimals, fractions, mixed numbers, scientific
-     notation; exact where both are exact, else relative tolerance 1e-6);
+     notation): exact, except that a decimal may be the other number rounded
+     to 6 places (`numbers_equal`); "30,150" is 30150 or the list 30, 150,
+     whichever the other answer is;
   3. structure (tuples and intervals with their brackets, sets and bare
      comma lists as multisets, matrices), element by element;
   4. a numeric fingerprint (latex_eval) that rejects clearly different
@@ -99,15 +101,19 @@ def _answer_phrase(text: str) -> str | None:
 # ----------------------------------------------------------------------------- normalisation
 
 _UNIT_WORDS = (r"(?:units?|square\s+units|sq\.?\s*units|degrees?|cm|centimeters?|meters?|m|km|"
-               r"inches|inch|in|feet|foot|ft|yards?|miles?|mph|hours?|minutes?|seconds?|"
+               r"inches|inch|in|feet|foot|ft|yards?|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|"
                r"days?|weeks?|years?|dollars?|cents?|pounds?|ounces?|grams?|kg|liters?|"
                r"gallons?|people|students|ways|points|pieces|marbles|cookies|apples)")
+_UNIT = r"(?:(?:square|sq\.?|cubic|cu\.?)\s+)?" + _UNIT_WORDS + r"\.?"
 
 
 def _strip_text_units(s: str) -> str:
-  # \text{ cm}, \mbox{ inches}, \text{units}^2 after something else
-  s = re.sub(r"(?<=\S)\s*\\(?:text|textbf|mbox|mathrm)\{\s*" + _UNIT_WORDS + r"\s*\}(\^\{?\d\}?)?", "", s)
-  s = re.sub(r"(?<=[\d}])\s+" + _UNIT_WORDS + r"(\^\{?\d\}?)?\s*$", "", s)
+  # a number followed by words in \text{...} at the end is a number with a unit:
+  # 5\text{ min}, 12\text{ square inches}, \frac{1}{2}\text{ hours}, 8\text{ cm}^2
+  s = re.sub(r"(?<=[\d}.])\s*\\(?:text|textbf|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z.\s-]*\}(\^\{?\d\}?)?\s*\.?\s*$",
+             "", s)
+  s = re.sub(r"(?<=\S)\s*\\(?:text|textbf|mbox|mathrm)\{\s*" + _UNIT + r"\s*\}(\^\{?\d\}?)?", "", s)
+  s = re.sub(r"(?<=[\d}])\s+" + _UNIT + r"(\^\{?\d\}?)?\s*$", "", s)
   return s
 
 
@@ -135,8 +141,10 @@ def normalize(s: str) -> str:
   s = _strip_text_units(s)
   s = re.sub(r"\\(?:text|textbf|mbox|mathrm|operatorname)\{([^{}]*)\}", r"\1", s)
   s = s.replace("{,}", "").replace("\\infty", "\\infty ").replace("\\cdot", "\\cdot ")
+  # "1,000,000" and "12,345.5" are numbers; "30,150" may be one number or a list of
+  # two and is decided against the other answer (_equivalent_normalized)
   s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s) if re.fullmatch(
-      r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "").replace("{,}", ",")) else s
+      r"-?\d{1,3}(,\d{3}){2,}(\.\d+)?|-?\d{1,3}(,\d{3})+\.\d+", s.replace(" ", "")) else s
   # "x = 3", "k=5": a short variable name on the left
   m = re.fullmatch(r"\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*(.+)", s)
   if m and "=" not in m.group(1):
@@ -183,11 +191,15 @@ def parse_number(s: str) -> Fraction | float | None:
   return None
 
 
-def numbers_equal(a, b, rel_tol: float = 1e-6) -> bool:
+def numbers_equal(a: Fraction, b: Fraction, approximate: bool = False) -> bool:
+  """Written numbers compare exactly (1000001 is not 1000000, 1000001/7 is not
+  1000000/7).  Only where one side is a decimal (`approximate`) may it stand for
+  the other rounded: equal when both round to the same 6 decimal places and
+  agree to 5 parts in a million (0.3333333 is 1/3; 0.333 is not; nor is
+  1.5e-8 equal to 1.6e-8)."""
   if a == b:
     return True
-  fa, fb = float(a), float(b)
-  return math.isclose(fa, fb, rel_tol=rel_tol, abs_tol=1e-9)
+  return approximate and round(a, 6) == round(b, 6) and abs(a - b) <= Fraction(5, 10**6) * max(abs(a), abs(b))
 
 
 # ----------------------------------------------------------------------------- structure
@@ -285,6 +297,7 @@ def _fingerprints_close(fa, fb) -> bool:
   return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(fa, fb))
 
 
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+")
 _BASE_NOTATION = re.compile(r"[0-9A-Za-z]+_\{?\d+\}?")
 
 
@@ -297,9 +310,13 @@ def _equivalent_normalized(a: str, b: str, timeout_s: float, depth: int = 0) -> 
     a, b = a.replace("{", "").replace("}", ""), b.replace("{", "").replace("}", "")
     # the same digits, with or without the base subscript, are the same numeral
     return a == b or a.split("_")[0] == b.split("_")[0] and ("_" not in a or "_" not in b)
+  ta, tb = _THOUSANDS.fullmatch(a), _THOUSANDS.fullmatch(b)
+  if (ta or tb) and _equivalent_normalized(a.replace(",", "") if ta else a, b.replace(",", "") if tb else b,
+                                           timeout_s, depth + 1):
+    return True  # "30,150" as the number 30150; below, as the list 30, 150
   na, nb = parse_number(a), parse_number(b)
   if na is not None and nb is not None:
-    return numbers_equal(na, nb)
+    return numbers_equal(na, nb, approximate="." in a or "." in b)
   sa, sb = parse_structure(a), parse_structure(b)
   if sa or sb:
     if sa and sb:
@@ -320,7 +337,7 @@ def _cached_equivalent(given: str, gold: str, timeout_s: float) -> bool:
   return _equivalent_normalized(a, b, timeout_s)
 
 
-def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 5.0) -> bool:
+def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 1.2) -> bool:
   """True if `given` and `gold` are the same mathematical answer."""
   if given is None or gold is None:
     return False
@@ -333,6 +350,6 @@ def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 5.0) -
     return False
 
 
-def grade(response: str, gold: str, timeout_s: float = 5.0) -> float:
+def grade(response: str, gold: str, timeout_s: float = 1.2) -> float:
   """1.0 if the response's final answer equals `gold`, else 0.0."""
   return 1.0 if is_equivalent(extract_answer(response), gold, timeout_s) else 0.0

@@ -20,6 +20,7 @@ import threading
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _MEMORY_LIMIT_BYTES = 2 << 30
+_START_TIMEOUT_S = 60.0
 
 
 def _parse(s: str):
@@ -51,6 +52,9 @@ def _serve() -> None:
     pass
   out = sys.stdout
   sys.stdout = sys.stderr  # keep stray prints out of the protocol
+  _parse("x")  # import sympy and the parser before the first question
+  out.write("ready\n")
+  out.flush()
   for line in sys.stdin:
     try:
       a, b = json.loads(line)
@@ -62,9 +66,11 @@ def _serve() -> None:
 
 
 class _Worker:
-  """One child process; `ask` returns None on timeout (and kills the child)."""
+  """One child process; `ask` returns None on timeout (and kills the child).
+  The child imports sympy as it starts; `timeout_s` counts from a ready child."""
 
   def __init__(self):
+    self.ready = False
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "restem_jax.verifiers.symbolic"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
@@ -75,6 +81,11 @@ class _Worker:
 
   def ask(self, a: str, b: str, timeout_s: float):
     try:
+      if not self.ready:
+        ready, _, _ = select.select([self.proc.stdout], [], [], _START_TIMEOUT_S)
+        self.ready = bool(ready) and self.proc.stdout.readline().strip() == "ready"
+        if not self.ready:
+          raise OSError("the sympy worker did not start")
       self.proc.stdin.write(json.dumps([a, b]) + "\n")
       self.proc.stdin.flush()
       ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
@@ -98,17 +109,24 @@ _all_workers: list[_Worker] = []
 _all_lock = threading.Lock()
 
 
-def symbolic_equal(a: str, b: str, timeout_s: float = 5.0) -> bool:
-  """sympy equality of two LaTeX strings; False on parse failure or timeout."""
+def _new_worker() -> _Worker:
+  w = _Worker()
+  with _all_lock:
+    _all_workers[:] = [x for x in _all_workers if x.alive()] + [w]
+  _local.worker, _local.pid = w, os.getpid()
+  return w
+
+
+def symbolic_equal(a: str, b: str, timeout_s: float = 1.2) -> bool:
+  """sympy equality of two LaTeX strings; False on parse failure or timeout.
+  After a timeout the next worker starts at once, so it is ready (sympy
+  imported, ~0.5 s) by the time the next question comes."""
   w = getattr(_local, "worker", None)
   if w is None or not w.alive() or getattr(_local, "pid", None) != os.getpid():
-    w = _local.worker = _Worker()
-    _local.pid = os.getpid()
-    with _all_lock:
-      _all_workers.append(w)
+    w = _new_worker()
   result = w.ask(a, b, timeout_s)
   if result is None:
-    _local.worker = None
+    _new_worker()
   return bool(result)
 
 
