@@ -116,13 +116,31 @@ RED_TEAM = {
                       "def spin():\n  while True: time.sleep(0.01)\n"
                       "threading.Thread(target=spin, daemon=True).start()\nprint(4)\n", "wrong_answer"),
     "segfault": ("import ctypes\nctypes.string_at(0)\n", "runtime_error"),
+    "daemonize": ("import os, time\nif os.fork() == 0:\n  os.setsid()\n  if os.fork() == 0:\n"
+                  "    time.sleep(60)\n  os._exit(0)\nprint(4)\n", "wrong_answer"),
     "deep_recursion": ("import sys\nsys.setrecursionlimit(10**9)\ndef f(n):\n  return f(n + 1)\nf(0)\n",
                        "runtime_error"),
 }
 
 
+def _program_processes():
+  """Live processes of the sandbox's per-program uids (>= 100000)."""
+  found = []
+  for d in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{d}/status") as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    except (OSError, ValueError):
+      continue
+    uid = int(fields.get("Uid", "0").split()[0])
+    if uid >= 100_000 and not fields.get("State", "").strip().startswith("Z"):
+      found.append((int(d), uid, fields.get("Name", "").strip()))
+  return found
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
 @pytest.mark.parametrize("name", sorted(RED_TEAM))
-def test_red_team(name, tmp_path, monkeypatch):
+def test_red_team(name, warm, tmp_path, monkeypatch):
   import socket as socket_mod
   monkeypatch.setenv("RESTEM_SECRET", "3")  # a leaked environment would print the right answer
   canary = _canary(tmp_path)
@@ -134,17 +152,34 @@ def test_red_team(name, tmp_path, monkeypatch):
   program = program.format(canary=canary, port=server.getsockname()[1], parent=os.getpid())
   tests = {"inputs": [""], "outputs": ["3"]}
   t = time.time()
-  v = code.run_tests(program, tests, timeout_s=6, case_timeout_s=2)
+  v = code.run_tests(program, tests, limits=sandbox.Limits(timeout_s=6, case_timeout_s=2, warm=warm))
   assert not v.passed and v.status == want, v
   assert time.time() - t < 20
   assert canary.read_text() == "keep me"
   with pytest.raises(socket_mod.timeout):
     server.accept()  # nothing connected from the sandbox
   server.close()
-  # no sandboxed process outlives its verdict
-  leftover = subprocess.run(["pgrep", "-f", ".harness.py"], capture_output=True, text=True).stdout.split()
+  # no sandboxed process outlives its verdict (programs run as fresh uids >= 100000)
+  leftover = subprocess.run(["pgrep", "-f", "sandbox/.harness.py"], capture_output=True, text=True).stdout.split()
   assert leftover == [], leftover
+  assert _program_processes() == []
   assert code.run_tests(ADD, STDIN_TEST).passed  # the caller carries on
+
+
+LEAVE = ("import os\nfor p in ('/tmp/left.txt', '/dev/shm/left', 'left_here.txt'):\n"
+         "  try:\n    open(p, 'w').write('x')\n  except OSError:\n    pass\nprint(3)\n")
+LOOK = ("import glob, os\nleft = glob.glob('/tmp/left.txt') + glob.glob('/dev/shm/left') + "
+        "glob.glob('/tmp/*/left_here.txt') + glob.glob('left_here.txt')\nprint(3 if not left else left)\n")
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_a_program_finds_nothing_of_the_one_before(warm):
+  limits = sandbox.Limits(timeout_s=6, case_timeout_s=2, warm=warm)
+  tests = {"inputs": [""], "outputs": ["3"]}
+  for _ in range(2):
+    assert code.run_tests(LEAVE, tests, limits=limits).passed
+    v = code.run_tests(LOOK, tests, limits=limits)
+    assert v.passed, v
 
 
 def test_equal_always_true_object_cannot_pass():

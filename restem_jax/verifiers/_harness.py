@@ -1,5 +1,6 @@
 """Runs untrusted code inside the sandbox process (stdlib only; never imported
-by the trusted side).  Usage: python -I _harness.py SPEC_JSON RESULT_FD
+by the trusted side).  Usage: python -I _harness.py SPEC_JSON RESULT_FD, or
+`run_spec` in a child forked by the warm worker (_zygote.py).
 
 Spec: {"mode": "stdin" | "call" | "script", "program": str, "inputs": [...],
 "fn_name": str, "finish_flag": str, "case_timeout_s": float, "memory_bytes": int, "output_bytes": int,
@@ -83,6 +84,11 @@ def main():
   with open(spec_path) as f:
     spec = json.load(f)
   os.remove(spec_path)
+  run_spec(spec, fd)
+
+
+def run_spec(spec, fd):
+  """Drops to the run's uid and limits, runs the program's cases, reports on fd, exits."""
   sys.path.extend(spec.get("extra_paths") or [])
   import builtins  # python -S does not define exit()/quit(); programs use them
   builtins.exit = builtins.quit = sys.exit

@@ -18,6 +18,7 @@ caller compares outputs itself.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -31,10 +32,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
+ZYGOTE = os.path.join(os.path.dirname(HARNESS), "_zygote.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Limits:
   file_kb: int = 1024  # largest file the program may write
   max_tasks: int = 4  # processes + threads of the run (enforced when run under a fresh uid)
   site_packages: bool = True  # programs may import the base Python's packages (numpy, ...)
+  warm: bool = True  # fork each program from a warm worker in a long-lived sandbox (needs root)
 
 
 @dataclasses.dataclass
@@ -188,12 +192,55 @@ def _warn_fallback():
 
 
 def run(spec: dict, limits: Limits = Limits()) -> RunResult:
-  """Runs the harness on `spec` (see _harness.py) in a fresh sandbox."""
+  """Runs the harness on `spec` (see _harness.py) isolated from everything else.
+
+  As root with bubblewrap (and `limits.warm`), a warm worker in a long-lived
+  sandbox forks a fresh child per program (_zygote.py: new uid, rlimits, empty
+  directory, killed with everything it started, /tmp emptied); else a fresh
+  sandbox per program.  Both run the same harness under the same limits."""
   isolated = bwrap_available()
   if not isolated:
     _warn_fallback()
   elif limits.site_packages:
     check_imports()
+  if isolated and limits.warm and os.geteuid() == 0:
+    return _run_warm(spec, limits)
+  return _run_cold(spec, limits, isolated)
+
+
+def _fresh_uid() -> int:
+  return 100_000 + secrets.randbelow(1 << 20)
+
+
+def _full_spec(spec: dict, limits: Limits, isolated: bool, run_as) -> dict:
+  return dict(spec, case_timeout_s=limits.case_timeout_s, memory_bytes=limits.memory_mb << 20,
+              output_bytes=limits.output_kb << 10, block_network=not isolated,
+              run_as_uid=run_as, max_tasks=limits.max_tasks,
+              extra_paths=_site_packages() if limits.site_packages else [])
+
+
+def _parse_results(buf: bytes) -> tuple[dict, bool]:
+  cases, finished = {}, False
+  for line in buf.split(b"\n"):
+    try:
+      obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+      continue
+    if not isinstance(obj, dict):
+      continue
+    if obj.get("done") is True:
+      finished = True
+    elif isinstance(obj.get("i"), int) and obj["i"] not in cases:
+      cases[obj["i"]] = {"status": str(obj.get("status")), "out": obj.get("out")}
+  return cases, finished
+
+
+def _result_cap(limits: Limits) -> int:
+  return 4 * (limits.output_kb << 10) + (1 << 20)
+
+
+def _run_cold(spec: dict, limits: Limits, isolated: bool) -> RunResult:
+  """A fresh sandbox (bwrap + Python) for this program alone."""
   t0 = time.monotonic()
   host_dir = tempfile.mkdtemp(prefix="restem_sandbox_")
   try:
@@ -201,11 +248,8 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
     os.mkdir(work)
     os.chmod(work, 0o777)
     # A fresh uid per run (as root inside bwrap): RLIMIT_NPROC then caps this run's tasks.
-    run_as = 100_000 + secrets.randbelow(1 << 20) if isolated and os.geteuid() == 0 else None
-    spec = dict(spec, case_timeout_s=limits.case_timeout_s, memory_bytes=limits.memory_mb << 20,
-                output_bytes=limits.output_kb << 10, block_network=not isolated,
-                run_as_uid=run_as, max_tasks=limits.max_tasks,
-                extra_paths=_site_packages() if limits.site_packages else [])
+    run_as = _fresh_uid() if isolated and os.geteuid() == 0 else None
+    spec = _full_spec(spec, limits, isolated, run_as)
     with open(os.path.join(work, ".spec.json"), "w") as f:
       json.dump(spec, f)
     shutil.copy(HARNESS, os.path.join(work, ".harness.py"))
@@ -240,7 +284,7 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
     buf, timed_out = b"", False
     deadline = t0 + limits.timeout_s
     os.set_blocking(read_fd, False)
-    cap = 4 * (limits.output_kb << 10) + (1 << 20)
+    cap = _result_cap(limits)
     while True:
       remaining = deadline - time.monotonic()
       if remaining <= 0:
@@ -263,18 +307,7 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
         pass
     _kill_group(proc)
     os.close(read_fd)
-    cases, finished = {}, False
-    for line in buf.split(b"\n"):
-      try:
-        obj = json.loads(line)
-      except (ValueError, UnicodeDecodeError):
-        continue
-      if not isinstance(obj, dict):
-        continue
-      if obj.get("done") is True:
-        finished = True
-      elif isinstance(obj.get("i"), int) and obj["i"] not in cases:
-        cases[obj["i"]] = {"status": str(obj.get("status")), "out": obj.get("out")}
+    cases, finished = _parse_results(buf)
     size = os.path.getsize(log_path)
     with open(log_path, "rb") as f:
       f.seek(max(0, size - 2000))
@@ -284,6 +317,96 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
                      tail, time.monotonic() - t0)
   finally:
     shutil.rmtree(host_dir, ignore_errors=True)
+
+
+class _WarmWorker:
+  """One long-lived bubblewrap sandbox running _zygote.py (see there)."""
+
+  def __init__(self):
+    self.host_dir = tempfile.mkdtemp(prefix="restem_sandbox_warm_")
+    cmd = [shutil.which("bwrap"), *_bwrap_base_args(self.host_dir),
+           "--ro-bind", HARNESS, "/zygote/_harness.py", "--ro-bind", ZYGOTE, "/zygote/_zygote.py", "--",
+           _python(), "-I", "-B", "-S", "/zygote/_zygote.py"]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, cwd=self.host_dir, env={},
+                                 start_new_session=True)
+    self.pid = os.getpid()
+    self._buf = b""
+
+  def ask(self, spec: dict, wait_s: float) -> dict | None:
+    """The worker's reply, or None if it died or did not answer within wait_s."""
+    try:
+      self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+      self.proc.stdin.flush()
+      fd = self.proc.stdout.fileno()
+      deadline = time.monotonic() + wait_s
+      while b"\n" not in self._buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+          return None
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+          return None
+        self._buf += chunk
+      line, self._buf = self._buf.split(b"\n", 1)
+      return json.loads(line)
+    except (OSError, ValueError):
+      return None
+
+  def close(self) -> None:
+    _kill_group(self.proc)
+    shutil.rmtree(self.host_dir, ignore_errors=True)
+
+
+_warm = threading.local()  # one worker per verifying thread
+_warm_all: list = []
+_warm_lock = threading.Lock()
+
+
+def _warm_worker(fresh: bool = False) -> _WarmWorker:
+  w = getattr(_warm, "worker", None)
+  if w is not None and (fresh or w.pid != os.getpid() or w.proc.poll() is not None):
+    if w.pid == os.getpid():
+      w.close()
+    w = None
+  if w is None:
+    w = _warm.worker = _WarmWorker()
+    with _warm_lock:
+      _warm_all[:] = [x for x in _warm_all if x.proc.poll() is None] + [w]
+  return w
+
+
+@atexit.register
+def _close_warm_workers():
+  with _warm_lock:
+    for w in _warm_all:
+      if w.pid == os.getpid():
+        w.close()
+    _warm_all.clear()
+
+
+def _run_warm(spec: dict, limits: Limits) -> RunResult:
+  """The program in a child forked by this thread's warm worker."""
+  t0 = time.monotonic()
+  spec = dict(_full_spec(spec, limits, True, _fresh_uid()), timeout_s=limits.timeout_s,
+              cpu_s=int(limits.timeout_s) + 1, file_bytes=max(limits.output_kb, limits.file_kb) << 10,
+              result_cap=_result_cap(limits),
+              env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", **_THREAD_ENV})
+  reply = None
+  for attempt in range(2):  # a worker that died (not the program's doing) is replaced once
+    reply = _warm_worker(fresh=attempt > 0).ask(spec, limits.timeout_s + 15)
+    if reply is not None and "error" not in reply:
+      break
+  if reply is None or "error" in reply:
+    _warm_worker(fresh=True)
+    detail = (reply or {}).get("error", "no answer")
+    raise RuntimeError(f"the warm sandbox worker failed twice ({detail}); Limits(warm=False) "
+                       "starts a fresh sandbox per program instead")
+  cases, finished = _parse_results(reply["buf"].encode())
+  code = reply["returncode"]
+  return RunResult(cases, finished, reply["timed_out"], code,
+                   reply["log_size"] >= (limits.output_kb << 10) or code == -signal.SIGXFSZ,
+                   reply["log_tail"], time.monotonic() - t0)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
