@@ -149,6 +149,7 @@ def main():
                         math_accuracy=round(acc, 4), math_verify_accuracy=round(mv_acc, 4),
                         math_verify_answers_per_s=round(mv_rate, 1), math_pairs_per_s=round(pair_rate, 1),
                         code_execs_per_s=round(he_rate, 2), humaneval_harness_execs_per_s=round(ref_rate, 2),
+                        code_ratio_vs_harness=round(he_rate / ref_rate, 2),
                         apps_programs_per_s=None if apps_rate is None else round(apps_rate, 2))))
 
 

@@ -39,7 +39,7 @@ Verifier = Callable[[dict, str], Result]
 class MathVerifier:
   """Final-answer check against problem[answer_key] (MATH, GSM8K, arith)."""
   answer_key: str = "answer"
-  timeout_s: float = 1.2  # sympy stage; a call stays under 2 s
+  timeout_s: float = 1.0  # sympy stage; a call stays under 2 s
 
   def __call__(self, problem: dict, completion: str) -> Result:
     from restem_jax.verifiers import math as vm

@@ -337,7 +337,7 @@ def _cached_equivalent(given: str, gold: str, timeout_s: float) -> bool:
   return _equivalent_normalized(a, b, timeout_s)
 
 
-def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 1.2) -> bool:
+def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 1.0) -> bool:
   """True if `given` and `gold` are the same mathematical answer."""
   if given is None or gold is None:
     return False
@@ -350,6 +350,6 @@ def is_equivalent(given: str | None, gold: str | None, timeout_s: float = 1.2) -
     return False
 
 
-def grade(response: str, gold: str, timeout_s: float = 1.2) -> float:
+def grade(response: str, gold: str, timeout_s: float = 1.0) -> float:
   """1.0 if the response's final answer equals `gold`, else 0.0."""
   return 1.0 if is_equivalent(extract_answer(response), gold, timeout_s) else 0.0

@@ -117,7 +117,7 @@ def _new_worker() -> _Worker:
   return w
 
 
-def symbolic_equal(a: str, b: str, timeout_s: float = 1.2) -> bool:
+def symbolic_equal(a: str, b: str, timeout_s: float = 1.0) -> bool:
   """sympy equality of two LaTeX strings; False on parse failure or timeout.
   After a timeout the next worker starts at once, so it is ready (sympy
   imported, ~0.5 s) by the time the next question comes."""
