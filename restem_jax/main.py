@@ -1,7 +1,10 @@
 """Entry point: python -m restem_jax.main --gin_file=gin/restem_arith.gin [--gin.NAME=VALUE ...]
 
 Flags: --gin_file (repeatable), --gin_bindings (repeatable), --gin.NAME=VALUE
-(e.g. --gin.RUN_DIR="'/tmp/run1'").  The gin file chooses what runs
+(e.g. --gin.RUN_DIR="'/tmp/run1'"); with several processes (hosts)
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (Cloud TPU
+VMs and SLURM need none: JAX finds them; scripts/local_multihost.sh starts N
+local processes).  The gin file chooses what runs
 (`execute.fn`): ReST^EM (`restem_main`), evaluation only (`eval_main`), a
 reward model (`reward_main`) or best-of-N selection (`best_of_n_main`).
 The operative config is saved in the run directory.
