@@ -31,7 +31,7 @@ import numpy as np
 
 from restem_jax import best_of_n, evaluation, multihost, partitioning, restem, reward, training
 from restem_jax import model as model_lib
-from restem_jax.runlog import RunLog, write_json
+from restem_jax.runlog import RunLog, read_json, write_json
 from restem_jax.sampling import SamplingConfig
 
 
@@ -96,15 +96,30 @@ def prm800k_examples(task, vocab, split: str, limit: int) -> list[reward.Labelle
                             r["steps"], r["ratings"], vocab) for r in recs]
 
 
-def mc_labels(engine, params, task, r, records, sc: SamplingConfig, seed: int) -> list[reward.Labelled]:
+def mc_labels(engine, params, task, r, records, sc: SamplingConfig, seed: int,
+              cache: str = "") -> list[reward.Labelled]:
   """Math-Shepherd's automatic PRM labels for tasks whose steps cannot be checked:
   from each step's prefix (prompt + the sample's tokens through the step's last
   token) `sc.num_samples` completions are drawn; the step is POSITIVE if any of
   them reaches a right answer, else NEGATIVE ("hard" estimation).  Solutions
-  are cut after their first NEGATIVE step, as every PRM example is."""
-  from restem_jax import sampling, verifiers
+  are cut after their first NEGATIVE step, as every PRM example is.  With
+  `cache` (a JSON file) the labels are written there and read back on resume."""
   vocab = engine.vocab
   base = reward.from_rollouts(r, vocab, task, "prm", labelled=False)
+  if cache and os.path.exists(cache):
+    saved = read_json(cache)
+    if len(saved) != len(base) or any(list(ex.positions[:len(pos)]) != pos for ex, (pos, _) in zip(base, saved)):
+      raise ValueError(f"{cache}: MC labels of other rollouts than this run's; delete it to relabel")
+    return [dataclasses.replace(ex, positions=tuple(pos), labels=tuple(lab)) for ex, (pos, lab) in zip(base, saved)]
+  result = _mc_label(engine, params, task, r, records, sc, seed, base)
+  if cache:
+    write_json(cache, [[list(map(int, ex.positions)), list(map(int, ex.labels))] for ex in result])
+  return result
+
+
+def _mc_label(engine, params, task, r, records, sc, seed, base):
+  from restem_jax import sampling, verifiers
+  vocab = engine.vocab
   by_id = {str(x["id"]): x for x in records}
   prefixes, owners = [], []
   for k, ex in enumerate(base):
@@ -197,7 +212,8 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
         if rc.kind == "prm" and rc.labels == "mc" and (name == "train" or task.step_labels is None):
           examples = mc_labels(engine, policy, task, r, _limit(task.load(split), limit),
                                dataclasses.replace(rc.sampling, num_samples=rc.mc_rollouts),
-                               zlib.crc32(f"mc/{split}".encode()) + rc.seed)
+                               zlib.crc32(f"mc/{split}".encode()) + rc.seed,
+                               cache=os.path.join(run_dir, "rollouts", f"mc_labels_{split}.json"))
           if task.step_labels is not None:  # how often MC agrees with the exact labels
             exact = reward.from_rollouts(r, vocab, task, "prm")
             same = [a == b for e, m in zip(exact, examples)

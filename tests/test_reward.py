@@ -320,6 +320,14 @@ def test_monte_carlo_step_labels_agree_with_exact_ones_on_arith(tmp_path, tiny_p
   agree = summary["data"]["mc_agreement_with_exact"]
   assert set(agree) == {"train"} and summary["data"]["train_labels"] > 0
   assert all(v > 60 for v in agree.values()), agree
+  # the labels are kept in the run directory and read back when the run is started again
+  [cache] = (tmp_path / "mc" / "rollouts").glob("mc_labels_*.json")  # the train split's only
+  saved = json.loads(cache.read_text())
+  assert {v for _, labels in saved for v in labels} == {reward.NEGATIVE, reward.POSITIVE}
+  cache.write_text(json.dumps([[pos, [reward.POSITIVE] * len(labels)] for pos, labels in saved]))
+  again = _run("gin/train_prm.gin", str(tmp_path / "mc"), tiny_policy, "RewardConfig.labels = 'mc'",
+               "RewardConfig.mc_rollouts = 4", "TrainConfig.total_steps = 20")
+  assert again["data"]["mc_agreement_with_exact"]["train"] != agree["train"]  # read, not relabelled
 
 
 def test_prm_on_prm800k_runs_end_to_end(tmp_path):
