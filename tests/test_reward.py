@@ -17,7 +17,7 @@ import pytest
 
 import tasks
 from restem_jax import best_of_n, gguf, model, reward, vocab
-from restem_jax.reward import NEGATIVE, NEUTRAL, POSITIVE
+from restem_jax.reward import NEGATIVE, POSITIVE
 from tasks import prm800k
 
 BYTES = vocab.ByteVocabulary()
