@@ -182,6 +182,14 @@ def test_a_program_finds_nothing_of_the_one_before(warm):
     assert v.passed, v
 
 
+def test_a_broken_warm_sandbox_is_an_error_not_a_failing_program(monkeypatch):
+  monkeypatch.setattr(sandbox, "_fresh_uid", lambda: -5)  # no such uid: the child's set-up fails
+  with pytest.raises(RuntimeError, match="could not be set up"):
+    code.run_tests(ADD, STDIN_TEST)
+  monkeypatch.undo()
+  assert code.run_tests(ADD, STDIN_TEST).passed  # a fresh worker carries on
+
+
 def test_equal_always_true_object_cannot_pass():
   prog = ("class Liar:\n  def __eq__(self, other):\n    return True\n"
           "def solve(x):\n  return Liar()\n")

@@ -22,7 +22,7 @@ import os
 import resource
 import select
 import shutil
-import signal
+from signal import SIGKILL
 import sys
 import time
 
@@ -56,6 +56,10 @@ def _live_pids(uid):
 def _remove(path):
   """Deletes a file or a tree the caller owns, whatever modes a program left on it."""
   if os.path.isdir(path) and not os.path.islink(path):
+    try:
+      os.chmod(path, 0o700)
+    except OSError:
+      pass
     for root, dirs, _ in os.walk(path):
       for d in dirs:
         try:
@@ -81,28 +85,23 @@ def _kill_and_clean(uid):
   child that becomes `uid` does both (a program cannot hide from its own uid)."""
   for _ in range(100):
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # a forked child never returns into the worker's code
       try:
         _drop_to(uid)
-        os.kill(-1, signal.SIGKILL)
-      except OSError:
-        pass
-      for folder in ("/tmp", "/dev/shm"):
         try:
-          names = os.listdir(folder)
-        except OSError:
-          continue
-        for name in names:
-          path = os.path.join(folder, name)
-          try:
-            if os.lstat(path).st_uid == uid:
-              try:
-                os.chmod(path, 0o700, follow_symlinks=False)
-              except OSError:
-                pass
-              _remove(path)
-          except OSError:
-            pass
+          os.kill(-1, SIGKILL)
+        except ProcessLookupError:
+          pass  # nothing of this uid runs
+        for folder in ("/tmp", "/dev/shm"):
+          for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            path = os.path.join(folder, name)
+            try:
+              if os.lstat(path).st_uid == uid:
+                _remove(path)
+            except OSError:
+              pass
+      except BaseException:  # noqa: BLE001
+        pass
       os._exit(0)
     os.waitpid(pid, 0)
     if not _live_pids(uid):
@@ -110,7 +109,11 @@ def _kill_and_clean(uid):
   raise RuntimeError(f"processes of uid {uid} survive SIGKILL")
 
 
-def _child(spec, work, log_fd, result_w):
+def _child(spec, work, log_fd, result_w, setup_w):
+  """Becomes the program's process; says "ok" on setup_w (closed before the
+  program runs) or why its set-up failed, so a broken sandbox is not mistaken
+  for a failing program."""
+  status_fd = setup_w
   try:
     os.setsid()
     _drop_to(spec["run_as_uid"])
@@ -122,15 +125,24 @@ def _child(spec, work, log_fd, result_w):
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.dup2(result_w, 3)
-    os.closerange(4, 1 << 16)  # the control pipe and everything else of the worker
+    os.dup2(setup_w, 4)
+    status_fd = 4
+    os.closerange(5, 1 << 16)  # the control pipe and everything else of the worker
     resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu_s"], spec["cpu_s"] + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (spec["file_bytes"], spec["file_bytes"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.environ.clear()
     os.environ.update(spec["env"], HOME=work, TMPDIR=work)
+    os.write(4, b"ok")
+    os.close(4)
+    status_fd = None
     _harness.run_spec(dict(spec, run_as_uid=None), 3)  # runs the cases, exits
-  except BaseException:  # noqa: BLE001
-    pass
+  except BaseException as e:  # noqa: BLE001
+    if status_fd is not None:
+      try:
+        os.write(status_fd, f"{type(e).__name__}: {e}".encode()[:500])
+      except OSError:
+        pass
   os._exit(1)
 
 
@@ -140,12 +152,27 @@ def run_one(spec, n):
   log_path = f"{CONTROL}/log{n}"
   log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
   result_r, result_w = os.pipe()
+  setup_r, setup_w = os.pipe()
   t0 = time.monotonic()
   pid = os.fork()
   if pid == 0:
-    _child(spec, work, log_fd, result_w)
+    _child(spec, work, log_fd, result_w, setup_w)
   os.close(result_w)
+  os.close(setup_w)
   os.close(log_fd)
+  setup = b""
+  while select.select([setup_r], [], [], 10)[0]:
+    chunk = os.read(setup_r, 1024)
+    if not chunk:
+      break
+    setup += chunk
+  os.close(setup_r)
+  if setup != b"ok":
+    _kill_and_clean(uid)
+    os.waitpid(pid, 0)
+    os.close(result_r)
+    os.unlink(log_path)
+    raise RuntimeError(f"the program's process could not be set up: {setup.decode(errors='replace')}")
   buf, timed_out, cap = b"", False, spec["result_cap"]
   deadline = t0 + spec["timeout_s"]
   while True:
