@@ -273,6 +273,7 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: Loss
     state = state_from_items(checkpoints.restore(ckpt, ckpt.latest_step(), state_items(state)))
     logging.info("resumed from step %d", int(state.step))
   step_fn = jit_train_step(loss_fn, tc, mesh, shardings, rules)
+  in_sharding = batch_sharding(mesh, rules)
 
   def save(state, metrics=None):
     checkpoints.save(ckpt, int(state.step), state_items(state), metrics)
@@ -287,7 +288,7 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: Loss
   t0 = time.time()
   for step in range(start, tc.total_steps):
     batch = batch_for_step(data, step, tc.batch_size, tc.seed)
-    batch = jax.tree.map(lambda x: multihost.global_array(x, batch_sharding(mesh, rules)), batch)
+    batch = jax.tree.map(lambda x: multihost.global_array(x, in_sharding), batch)
     state, metrics = step_fn(state, batch)
     done = step + 1
     if log and (done % tc.log_every == 0 or done == tc.total_steps):
