@@ -92,15 +92,17 @@ def _probs_fn(cfg):
 
 
 def class_probs(cfg, params, tokens: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """[N, L, 3] class probabilities, computed `batch_size` rows at a time."""
+  """[N, L, 3] class probabilities, computed `batch_size` rows at a time (a short
+  last chunk is padded to the next power of two, not to `batch_size`)."""
   fn = _probs_fn(cfg)
   out = []
   for i in range(0, len(tokens), batch_size):
     chunk = tokens[i:i + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(multihost.to_host(fn(params, chunk))[:batch_size - pad])
+    n = len(chunk)
+    rows = min(batch_size, max(8, 1 << (n - 1).bit_length()))
+    if rows > n:
+      chunk = np.concatenate([chunk, np.zeros((rows - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(multihost.to_host(fn(params, chunk))[:n])
   return np.concatenate(out) if out else np.zeros((0,) + tokens.shape[1:] + (3,), np.float32)
 
 

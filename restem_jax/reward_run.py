@@ -47,6 +47,9 @@ class RewardConfig:
   test_split: str = "test"
   train_limit: int = 0  # problems (0: all)
   eval_limit: int = 0
+  # PRM800K: problems drawn at random (with `seed`) when limited, and at most this
+  # many of each problem's rated solutions, also at random (0: all of them)
+  per_problem: int = 0
   sampling: SamplingConfig = SamplingConfig(num_samples=8, temperature=1.0, max_new_tokens=48)
   sample_batch_size: int = 64
   max_len: int = 128
@@ -86,12 +89,24 @@ def rollouts_for(engine, params, task, split: str, limit: int, sc: SamplingConfi
                        jax.random.fold_in(jax.random.key(seed), zlib.crc32(split.encode())))
 
 
-def prm800k_examples(task, vocab, split: str, limit: int) -> list[reward.Labelled]:
+def prm800k_examples(task, vocab, split: str, limit: int, per_problem: int = 0,
+                     seed: int = 0) -> list[reward.Labelled]:
+  """PRM800K solutions of `split` as PRM examples: `limit` problems (0: all) drawn
+  at random, at most `per_problem` solutions of each (0: all), in file order."""
   from tasks import prm800k
   recs = prm800k.read(split, task.data_dir)
-  if limit:  # whole problems, in file order
-    keep = list(dict.fromkeys(r["problem"] for r in recs))[:limit]
-    recs = [r for r in recs if r["problem"] in set(keep)]
+  rng = np.random.default_rng(seed + zlib.crc32(split.encode()))
+  problems = list(dict.fromkeys(r["problem"] for r in recs))
+  if limit and limit < len(problems):
+    problems = [problems[i] for i in sorted(rng.choice(len(problems), limit, replace=False))]
+  rows: dict[str, list[int]] = {p: [] for p in problems}
+  for i, r in enumerate(recs):
+    if r["problem"] in rows:
+      rows[r["problem"]].append(i)
+  if per_problem:
+    rows = {p: sorted(rng.choice(ix, per_problem, replace=False)) if len(ix) > per_problem else ix
+            for p, ix in rows.items()}
+  recs = [recs[i] for ix in rows.values() for i in ix]
   return [reward.from_steps(vocab.encode(task.format_prompt(dict(r, solution="", answer=""))),
                             r["steps"], r["ratings"], vocab) for r in recs]
 
@@ -150,9 +165,12 @@ def _mc_label(engine, params, task, r, records, sc, seed, base):
 def step_metrics(per_step: list[np.ndarray], examples: list[reward.Labelled]) -> dict:
   """PRM: accuracy of locating the first wrong step (or none) on solutions with
   every step labelled, and step-level accuracy of P(NEGATIVE) > 0.5."""
-  located, n_sol, right, n_steps, clean = 0, 0, 0, 0, 0
+  located, n_sol, right, n_steps, clean, cut = 0, 0, 0, 0, 0, 0
   for probs, ex in zip(per_step, examples):
-    labels = np.asarray(ex.labels[:len(probs)])
+    labels = np.asarray(ex.labels)
+    if len(probs) < len(labels):  # steps past max_len: the first wrong one may be among them
+      cut += 1
+      continue
     if len(labels) == 0 or (labels < 0).any():
       continue
     truth = int(np.argmax(labels == reward.NEGATIVE)) if (labels == reward.NEGATIVE).any() else -1
@@ -163,7 +181,7 @@ def step_metrics(per_step: list[np.ndarray], examples: list[reward.Labelled]) ->
     n_steps += len(labels)
   return {"first_wrong_step_accuracy": 100.0 * located / max(n_sol, 1), "solutions": n_sol,
           "always_none_baseline": 100.0 * clean / max(n_sol, 1),  # answering "no wrong step"
-
+          "truncated_solutions": cut,
           "step_accuracy": 100.0 * right / max(n_steps, 1)}
 
 
@@ -227,10 +245,11 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
         outs[name] = (examples, (r.rewards > 0).reshape(-1))
         log.mark(f"rollouts {name}")
     else:
-      train_all = prm800k_examples(task, vocab, "train", rc.train_limit)
-      cut = int(len(train_all) * 0.95)  # file order groups a problem's rows together
+      train_all = prm800k_examples(task, vocab, "train", rc.train_limit, rc.per_problem, rc.seed)
+      cut = int(len(train_all) * 0.95)  # rows are grouped by problem: validation problems are new
       outs = {"train": (train_all[:cut], None), "validation": (train_all[cut:], None),
-              "test": (prm800k_examples(task, vocab, "test", rc.eval_limit), None)}
+              "test": (prm800k_examples(task, vocab, "test", rc.eval_limit, rc.per_problem, rc.seed),
+                       None)}
     data = reward.pack(outs["train"][0], rc.max_len)
     stats = {f"{k}_solutions": len(v[0]) for k, v in outs.items()}
     if rc.source == "rollouts" and mc_agreement:

@@ -156,14 +156,13 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
     b, p = prompts_BxP.shape
     n, t = sc.num_samples, sc.max_new_tokens
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
-    logits_BxPxV, prefix = model_lib.apply(
+    logits_Bx1xV, prefix = model_lib.apply(
         cfg, params, prompts_BxP, positions_BxL=positions_BxP,
         kv_mask_BxS=prompt_mask_BxP.astype(bool), cache=model_lib.init_cache(cfg, b, p),
-        cache_index=0)
+        cache_index=0, last_only=True)
     # The samples of a prompt share its prefill and read its keys once (`prefix`);
     # each row's own cache holds only the generated tokens, and grows by segment.
     rep = lambda x: jnp.repeat(x, n, axis=0)
-    cache_names = ("batch", "act_kv_heads", "length", "kv")
     widths = decode_segments(t)
     state = dict(
         step=jnp.int32(0),
@@ -171,7 +170,7 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
         logprobs=jnp.zeros((b * n, t), jnp.float32),
         lengths=jnp.zeros((b * n,), jnp.int32),
         done=jnp.zeros((b * n,), bool),
-        logits=rep(logits_BxPxV[:, -1]),
+        logits=rep(logits_Bx1xV[:, -1]),
         position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
         kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, widths[0]), bool)], 1),
         cache=model_lib.init_cache(cfg, b * n, widths[0]),
@@ -205,9 +204,11 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
       if i:
         grow = w - widths[i - 1]
         state["kv_mask"] = jnp.pad(state["kv_mask"], ((0, 0), (0, grow)))
-        state["cache"] = jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, grow), (0, 0))),
-                                      state["cache"])
-      state["cache"] = jax.tree.map(lambda c: model_lib.constrain(c, cache_names), state["cache"])
+        state["cache"] = [{name: jnp.pad(c, [(0, grow if a == model_lib.CACHE_LENGTH_AXIS[name] else 0)
+                                             for a in range(c.ndim)]) for name, c in layer.items()}
+                          for layer in state["cache"]]
+      state["cache"] = [{name: model_lib.constrain(c, model_lib.CACHE_NAMES[name]) for name, c in layer.items()}
+                        for layer in state["cache"]]
       state = jax.lax.while_loop(
           lambda s, w=w: (s["step"] < w) & ~jnp.all(s["done"]), body, state)
     return state["tokens"], state["lengths"], state["logprobs"]
