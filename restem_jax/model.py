@@ -91,16 +91,16 @@ class RMSNorm(nn.Module):
 
 
 def rope(x_BxLxNxE: Array, positions_BxL: Array, theta: float) -> Array:
-  """Rotary embedding, Hugging Face (rotate-half) convention."""
+  """Rotary embedding, Hugging Face (rotate-half) convention: x * cos + rotate_half(x) * sin,
+  with rotate_half(x) = [-x2, x1] written as a roll and a sign (no concatenation of x)."""
   e = x_BxLxNxE.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  ang_BxLxE2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-  cos = jnp.cos(ang_BxLxE2)[:, :, None, :]
-  sin = jnp.sin(ang_BxLxE2)[:, :, None, :]
+  inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  ang_BxLxE = positions_BxL.astype(jnp.float32)[..., None] * jnp.tile(inv_freq_E2, 2)
+  sign_E = jnp.where(jnp.arange(e) < e // 2, -1.0, 1.0)
+  cos = jnp.cos(ang_BxLxE)[:, :, None, :]
+  sin = (jnp.sin(ang_BxLxE) * sign_E)[:, :, None, :]
   x = x_BxLxNxE.astype(jnp.float32)
-  x1, x2 = x[..., : e // 2], x[..., e // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-  return out.astype(x_BxLxNxE.dtype)
+  return (x * cos + jnp.roll(x, e // 2, axis=-1) * sin).astype(x_BxLxNxE.dtype)
 
 
 def attention_mask(q_index_L: Array, kv_mask_BxS: Array,
