@@ -188,6 +188,36 @@ def test_prm800k_examples_tokenize_with_offsets(bpe):
     assert a < e - (len(s) - len(s.rstrip())) <= b
 
 
+def test_prm800k_subset_draws_problems_and_rows_at_random():
+  from restem_jax import reward_run
+  task = tasks.get("math")
+  recs = prm800k.read("test")
+  by_problem = {}
+  for r in recs:
+    by_problem.setdefault(r["problem"], []).append(r)
+  picked = reward_run.prm800k_examples(task, BYTES, "test", 7, 2, seed=3)
+  assert len(picked) == 14  # 7 problems, 2 solutions each (every test problem has more)
+  again = reward_run.prm800k_examples(task, BYTES, "test", 7, 2, seed=3)
+  assert [e.completion for e in picked] == [e.completion for e in again]
+  other = reward_run.prm800k_examples(task, BYTES, "test", 7, 2, seed=4)
+  assert [e.completion for e in picked] != [e.completion for e in other]
+  # the problems are not simply the first 7 of the file
+  first = reward_run.prm800k_examples(task, BYTES, "test", 0, 0)[:sum(len(v) for v in list(by_problem.values())[:7])]
+  assert {e.prompt for e in picked} != {e.prompt for e in first}
+  assert len({e.prompt for e in picked}) == 7
+
+
+def test_first_wrong_step_metric_skips_truncated_solutions():
+  from restem_jax import reward_run
+  ex = [reward.Labelled((1,), (2, 3, 4), (0, 1, 2), (POSITIVE, POSITIVE, NEGATIVE)),
+        reward.Labelled((1,), (2, 3), (0, 1), (POSITIVE, NEGATIVE))]
+  probs = lambda *neg: np.array([[n, 0.0, 1 - n] for n in neg])  # noqa: E731  [NEG, NEU, POS]
+  # the first solution's negative step fell past max_len: only 2 of its 3 positions scored
+  m = reward_run.step_metrics([probs(0.1, 0.2), probs(0.1, 0.9)], ex)
+  assert m["solutions"] == 1 and m["truncated_solutions"] == 1
+  assert m["first_wrong_step_accuracy"] == 100.0 and m["always_none_baseline"] == 0.0
+
+
 TINY = ["ArithConfig.sizes = (('human', 200), ('pool', 48), ('validation', 16), ('test', 24), ('test_ood', 8))",
         "SamplingConfig.num_samples = 4", "TrainConfig.total_steps = 60", "TrainConfig.warmup_steps = 5",
         "TrainConfig.eval_every = 30", "TrainConfig.checkpoint_every = 10", "TrainConfig.batch_size = 16",
@@ -342,8 +372,8 @@ def test_prm_on_prm800k_runs_end_to_end(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(run_dir, "summary.json")) as f:
     summary = json.load(f)
-  rows = prm800k.read("test")
-  first3 = set(list(dict.fromkeys(y["problem"] for y in rows))[:3])
-  test_rows = [x for x in rows if x["problem"] in first3]
+  from restem_jax import reward_run
+  test_rows = reward_run.prm800k_examples(tasks.get("math"), BYTES, "test", 3)  # 3 problems, all rows
+  assert len({e.prompt for e in test_rows}) == 3
   assert summary["data"]["test_solutions"] == len(test_rows) and summary["data"]["train_labels"] > 0
   assert 0 < summary["data"]["train_negative_share"] < 1 and summary["test"]["solutions"] > 0
