@@ -123,7 +123,7 @@ def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["restem_arith", "restem_arith_tiny", "restem_math", "restem_apps", "restem_gsm8k_smollm",
-                                  "sft", "eval"])
+                                  "sft", "eval", "train_prm", "train_orm", "best_of_n", "train_prm_prm800k_smollm"])
 def test_gin_files_parse(name):
   import gin
   from restem_jax import main
@@ -133,7 +133,7 @@ def test_gin_files_parse(name):
   gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", name + ".gin")], ["RUN_DIR = '/tmp/x'"]
                                       if name != "eval" else ["OUT = '/tmp/x'"])
   fn = gin.query_parameter("execute.fn")
-  assert fn.selector in ("restem_main", "eval_main")
+  assert fn.selector in ("restem_main", "eval_main", "reward_main", "best_of_n_main")
   gin.clear_config()
 
 
