@@ -216,6 +216,10 @@ def test_first_wrong_step_metric_skips_truncated_solutions():
   m = reward_run.step_metrics([probs(0.1, 0.2), probs(0.1, 0.9)], ex)
   assert m["solutions"] == 1 and m["truncated_solutions"] == 1
   assert m["first_wrong_step_accuracy"] == 100.0 and m["always_none_baseline"] == 0.0
+  assert m["negative_step_auroc"] == 1.0  # the wrong step has the highest P(NEGATIVE)
+  m = reward_run.step_metrics([probs(0.1, 0.2, 0.3), probs(0.5, 0.4)], ex)
+  # wrong steps 0.3 and 0.4 against 0.1, 0.2, 0.5: 4 of the 6 pairs ranked right
+  assert m["solutions"] == 2 and m["negative_step_auroc"] == pytest.approx(4 / 6)
 
 
 TINY = ["ArithConfig.sizes = (('human', 200), ('pool', 48), ('validation', 16), ('test', 24), ('test_ood', 8))",
