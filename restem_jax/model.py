@@ -32,6 +32,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 Cache = list  # one {"k": [B,K,E,S], "v": [B,K,S,E]} dict per layer
+CACHE_NAMES = {"k": ("batch", "act_kv_heads", "kv", "length"), "v": ("batch", "act_kv_heads", "length", "kv")}
+CACHE_LENGTH_AXIS = {"k": 3, "v": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,14 +191,13 @@ class Attention(nn.Module):
                               preferred_element_type=jnp.float32) / math.sqrt(e)
     else:
       v_BxKxSxE = v_BxKxLxE
-      k_BxKxSxE = constrain(k_BxKxLxE.astype(dt), ("batch", "act_kv_heads", "length", "kv"))
+      k_BxKxSxE = constrain(k_BxKxLxE.astype(dt), CACHE_NAMES["v"])  # the values' [B, K, S, E] layout
       s_BxKxGLxS = jnp.einsum("bkqe,bkse->bkqs", q_BxKxGLxE, k_BxKxSxE,
                               preferred_element_type=jnp.float32) / math.sqrt(e)
     v_BxKxSxE = constrain(v_BxKxSxE.astype(dt), CACHE_NAMES["v"])
     s_BxKxGxLxS = s_BxKxGLxS.reshape(b, k, g, l, -1)
-    mask_Bx1x1xLxS = mask_BxLxS[:, None, None]
     if prefix is None:
-      s_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, s_BxKxGxLxS, -1e30)
+      s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
       p_BxKxGLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt).reshape(b, k, g * l, -1)
       o_BxKxGLxE = jnp.einsum("bkqs,bkse->bkqe", p_BxKxGLxS, v_BxKxSxE)
     else:
@@ -290,10 +291,6 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   e, k = cfg.dim_per_head, cfg.num_kv_heads
   return [{"k": jnp.zeros((batch, k, e, length), dt), "v": jnp.zeros((batch, k, length, e), dt)}
           for _ in range(cfg.num_layers)]
-
-
-CACHE_NAMES = {"k": ("batch", "act_kv_heads", "kv", "length"), "v": ("batch", "act_kv_heads", "length", "kv")}
-CACHE_LENGTH_AXIS = {"k": 3, "v": 2}
 
 
 def init_params(cfg: ModelConfig, rng: Array):
