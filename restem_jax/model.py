@@ -53,6 +53,7 @@ class ModelConfig:
   sliding_window: int | None = None  # Mistral
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"
+  cache_dtype: str | None = None  # KV cache (None: dtype); "bfloat16" halves what a decode step streams
   remat: bool = False
   init_std: float = 0.02
 
@@ -115,6 +116,22 @@ def attention_mask(q_index_L: Array, kv_mask_BxS: Array,
   return causal_LxS[None] & kv_mask_BxS[:, None, :].astype(bool)
 
 
+def _scores(q_XxQxE, k_XxExS, one_token: bool):
+  """[..., Q, S] float32 dot products.  One decode token on CPU: a multiply-reduce,
+  which streams the cache once per step (these products are memory-bound; a
+  batched GEMM with 3 query rows runs ~25% slower); otherwise a dot."""
+  if one_token and jax.default_backend() == "cpu":
+    return jnp.sum(q_XxQxE[..., None].astype(jnp.float32) * k_XxExS[..., None, :, :].astype(jnp.float32), -2)
+  return jnp.einsum("...qe,...es->...qs", q_XxQxE, k_XxExS, preferred_element_type=jnp.float32)
+
+
+def _weighted_values(p_XxQxS, v_XxSxE, one_token: bool):
+  """[..., Q, E] float32: probabilities times values (see `_scores`)."""
+  if one_token and jax.default_backend() == "cpu":
+    return jnp.sum(p_XxQxS[..., None].astype(jnp.float32) * v_XxSxE[..., None, :, :].astype(jnp.float32), -2)
+  return jnp.einsum("...qs,...se->...qe", p_XxQxS, v_XxSxE, preferred_element_type=jnp.float32)
+
+
 def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt):
   """Attention over a shared prompt prefix (a cache of C rows; rows c*N .. c*N+N-1 of
   the batch continue prompt c) and each row's own cache, softmax-merged from the
@@ -123,16 +140,15 @@ def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, 
   _, _, g, l, _ = s_BxKxGxLxS.shape
   c, pl = prefix["v"].shape[0], prefix["v"].shape[2]
   n = b // c
+  one = l == 1
   q_CxKxNGLxE = q_BxKxGLxE.reshape(c, n, k, gl, e).transpose(0, 2, 1, 3, 4).reshape(c, k, n * gl, e)
-  s_CxKxNxGxLxP = (jnp.einsum("ckqe,ckep->ckqp", q_CxKxNGLxE, prefix["k"].astype(dt),
-                              preferred_element_type=jnp.float32) / math.sqrt(e)).reshape(c, k, n, g, l, pl)
+  s_CxKxNxGxLxP = _scores(q_CxKxNGLxE, prefix["k"].astype(dt), one).reshape(c, k, n, g, l, pl)
   # every row of a prompt sees the same prompt slots
   mask_Cx1x1x1xLxP = mask_BxLxS[::n, :, :pl][:, None, None, None]
   s_CxKxNxGxLxP = jnp.where(mask_Cx1x1x1xLxP, s_CxKxNxGxLxP, -1e30)
   m_CxKxNxGxLx1 = jnp.max(s_CxKxNxGxLxP, -1, keepdims=True)
   e_CxKxNxGxLxP = jnp.exp(s_CxKxNxGxLxP - m_CxKxNxGxLx1)
-  o_CxKxNGLxE = jnp.einsum("ckqp,ckpe->ckqe", e_CxKxNxGxLxP.reshape(c, k, n * gl, pl).astype(dt),
-                           prefix["v"].astype(dt), preferred_element_type=jnp.float32)
+  o_CxKxNGLxE = _weighted_values(e_CxKxNxGxLxP.reshape(c, k, n * gl, pl).astype(dt), prefix["v"].astype(dt), one)
   to_b = lambda x: x.reshape(c, k, n, g, l, -1).transpose(0, 2, 1, 3, 4, 5).reshape(b, k, g, l, -1)  # noqa: E731
   m_pre_BxKxGxLx1 = to_b(m_CxKxNxGxLx1)
   sum_pre_BxKxGxLx1 = to_b(jnp.sum(e_CxKxNxGxLxP, -1, keepdims=True))
@@ -141,8 +157,8 @@ def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, 
   m_BxKxGxLx1 = jnp.maximum(jnp.max(s_BxKxGxLxS, -1, keepdims=True), m_pre_BxKxGxLx1)
   e_BxKxGxLxS = jnp.exp(s_BxKxGxLxS - m_BxKxGxLx1)
   scale_BxKxGxLx1 = jnp.exp(m_pre_BxKxGxLx1 - m_BxKxGxLx1)
-  o_own_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", e_BxKxGxLxS.astype(dt), v_BxKxSxE,
-                               preferred_element_type=jnp.float32)
+  o_own_BxKxGxLxE = _weighted_values(e_BxKxGxLxS.reshape(b, k, gl, -1).astype(dt), v_BxKxSxE,
+                                     one).reshape(b, k, g, l, e)
   total_BxKxGxLx1 = jnp.sum(e_BxKxGxLxS, -1, keepdims=True) + scale_BxKxGxLx1 * sum_pre_BxKxGxLx1
   o_BxKxGxLxE = (o_own_BxKxGxLxE + scale_BxKxGxLx1 * o_pre_BxKxGxLxE) / total_BxKxGxLx1
   return o_BxKxGxLxE.astype(dt).reshape(b, k, gl, e)
@@ -178,7 +194,9 @@ class Attention(nn.Module):
     b, l = x.shape[:2]
     g = h // k
     # (batch, kv head) lead in every operand: no transposes of the cache.
-    q_BxKxGLxE = q_BxLxHxE.reshape(b, l, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * l, e)
+    # (1/sqrt(e) on the queries, not on the [.., S] scores)
+    q_BxKxGLxE = (q_BxLxHxE.reshape(b, l, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * l, e)
+                  * jnp.asarray(1 / math.sqrt(e), dt))
     if cache is not None:  # write this chunk at cache_index, attend over the cache
       p = 0 if prefix is None else prefix["v"].shape[2]  # the cache holds slots p.. then
       k_BxKxExS = jax.lax.dynamic_update_slice(
@@ -187,19 +205,17 @@ class Attention(nn.Module):
           cache["v"], v_BxKxLxE.astype(cache["v"].dtype), (0, 0, cache_index - p, 0))
       cache = {"k": k_BxKxExS, "v": v_BxKxSxE}
       k_BxKxExS = constrain(k_BxKxExS.astype(dt), CACHE_NAMES["k"])
-      s_BxKxGLxS = jnp.einsum("bkqe,bkes->bkqs", q_BxKxGLxE, k_BxKxExS,
-                              preferred_element_type=jnp.float32) / math.sqrt(e)
+      s_BxKxGLxS = _scores(q_BxKxGLxE, k_BxKxExS, l == 1)
     else:
       v_BxKxSxE = v_BxKxLxE
       k_BxKxSxE = constrain(k_BxKxLxE.astype(dt), CACHE_NAMES["v"])  # the values' [B, K, S, E] layout
-      s_BxKxGLxS = jnp.einsum("bkqe,bkse->bkqs", q_BxKxGLxE, k_BxKxSxE,
-                              preferred_element_type=jnp.float32) / math.sqrt(e)
+      s_BxKxGLxS = jnp.einsum("bkqe,bkse->bkqs", q_BxKxGLxE, k_BxKxSxE, preferred_element_type=jnp.float32)
     v_BxKxSxE = constrain(v_BxKxSxE.astype(dt), CACHE_NAMES["v"])
     s_BxKxGxLxS = s_BxKxGLxS.reshape(b, k, g, l, -1)
     if prefix is None:
       s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
       p_BxKxGLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt).reshape(b, k, g * l, -1)
-      o_BxKxGLxE = jnp.einsum("bkqs,bkse->bkqe", p_BxKxGLxS, v_BxKxSxE)
+      o_BxKxGLxE = _weighted_values(p_BxKxGLxS, v_BxKxSxE, l == 1 and cache is not None).astype(dt)
     else:
       o_BxKxGLxE = _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt)
     o_BxLxHxE = o_BxKxGLxE.reshape(b, k, g, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
@@ -268,11 +284,11 @@ class Decoder(nn.Module):
           x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, cache_index,
           None if prefix is None else prefix[i])
       new_cache.append(layer_cache)
+    if last_only and not return_hidden:
+      x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
     if return_hidden:
       return x_BxLxD, (None if cache is None else new_cache)
-    if last_only:
-      x_BxLxD = x_BxLxD[:, -1:]
     if cfg.tie_embeddings:  # contract with the embedding as stored: no [D, V] transpose per call
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(x_BxLxD.dtype),
                                 preferred_element_type=jnp.float32)
@@ -287,7 +303,7 @@ class Decoder(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """Zeros: keys [B, K, E, S] (transposed, so that scores need no transpose: 3x
   faster than [B, K, S, E] on CPU for a 128-slot decode), values [B, K, S, E]."""
-  dt = jnp.dtype(cfg.dtype)
+  dt = jnp.dtype(cfg.cache_dtype or cfg.dtype)
   e, k = cfg.dim_per_head, cfg.num_kv_heads
   return [{"k": jnp.zeros((batch, k, e, length), dt), "v": jnp.zeros((batch, k, length, e), dt)}
           for _ in range(cfg.num_layers)]

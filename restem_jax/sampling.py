@@ -1,11 +1,11 @@
-"""Batched sampling: one jitted prefill, then a `lax.while_loop` over tokens.
+"""Batched sampling: jitted prefills, then one jitted `lax.while_loop` over tokens.
 
-Prompts are left-padded into fixed shape buckets (prompt length rounded up to
-a power of two, or above 128 to a multiple of 64; a fixed batch per call), so a
-long E-step compiles a few times at most.  The
-prompt is prefilled once; its KV cache is shared by the `num_samples` rows
-that continue it (attention reads it once per prompt, not once per sample).  Decoding stops when every row
-has emitted EOS or `max_new_tokens` is reached.
+Prompts are sorted by length and left-padded into fixed shape buckets (prompt
+length rounded up to a power of two, or above 128 to a multiple of 64; a fixed
+batch per call), so a long E-step compiles a few times at most.  Each prompt is
+prefilled once; its KV cache is shared by the `num_samples` rows that continue
+it (attention reads it once per prompt, not once per sample).  Decoding stops
+when every row has emitted EOS or `max_new_tokens` is reached.
 """
 from __future__ import annotations
 
@@ -91,6 +91,43 @@ def _largest_threshold(keys_NxV, ok):
   return lo
 
 
+def _chunked(x_NxV, chunk: int):
+  """[N, V] -> [N, V / chunk, chunk], padded with -inf to a multiple of `chunk`."""
+  n, v = x_NxV.shape
+  if v % chunk:
+    x_NxV = jnp.pad(x_NxV, ((0, 0), (0, chunk - v % chunk)), constant_values=-jnp.inf)
+  return x_NxV.reshape(n, -1, chunk)
+
+
+def chunked_top_k(x_NxV, k: int, chunk: int = 64):
+  """`jax.lax.top_k` over rows, from the k chunks with the largest maxima.
+
+  Every one of the k largest entries lies in one of the k chunks whose maxima
+  are largest (an entry outside them is below k distinct chunk maxima), so the
+  values are exactly `lax.top_k`'s; among tied values the indices may differ.
+  Two small top_k passes (over V / chunk maxima, then k * chunk candidates) instead of
+  one over the vocabulary: 2.3x faster for 256 rows of a 49k vocabulary on CPU.
+  """
+  n, v = x_NxV.shape
+  if v < 4 * k * chunk:
+    return jax.lax.top_k(x_NxV, k)
+  x_NxCxW = _chunked(x_NxV, chunk)
+  _, chunk_NxK = jax.lax.top_k(jnp.max(x_NxCxW, -1), k)
+  cand_NxKW = jnp.take_along_axis(x_NxCxW, chunk_NxK[:, :, None], 1).reshape(n, k * chunk)
+  vals_NxK, pos_NxK = jax.lax.top_k(cand_NxKW, k)
+  return vals_NxK, jnp.take_along_axis(chunk_NxK, pos_NxK // chunk, 1) * chunk + pos_NxK % chunk
+
+
+def logsumexp(x_NxV, chunk: int = 128):
+  """Row-wise log-sum-exp; the sum runs over chunks first (vectorised across
+  each chunk) then within them: 2.4x faster than `jax.nn.logsumexp` for a
+  49k vocabulary on CPU, whose row sum is a sequential reduction."""
+  m_Nx1 = jax.lax.stop_gradient(jnp.max(x_NxV, -1, keepdims=True))
+  m_Nx1 = jnp.where(jnp.isfinite(m_Nx1), m_Nx1, 0.0)
+  e_NxCxW = jnp.exp(_chunked(x_NxV - m_Nx1, chunk))
+  return m_Nx1[:, 0] + jnp.log(jnp.sum(jnp.sum(e_NxCxW, 1), -1))
+
+
 def filter_logits(logits_NxV, temperature, top_k: int = 0, top_p: float = 1.0):
   """Temperature, then top-k, then nucleus filtering; masked entries are -inf.
 
@@ -125,10 +162,10 @@ def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.
     return greedy_N.astype(jnp.int32)
   v = logits_NxV.shape[-1]
   if top_k and top_k < v:
-    # Draw among the k best only: one `top_k` pass over the vocabulary, then
+    # Draw among the k best only: one (chunked) top-k pass over the vocabulary, then
     # work on [N, k] (the filtered full-vocabulary softmax and cumsum cost
     # ~10x more per decode step on CPU for a 49k vocabulary).
-    vals_NxK, idx_NxK = jax.lax.top_k(logits_NxV.astype(jnp.float32), top_k)
+    vals_NxK, idx_NxK = chunked_top_k(logits_NxV.astype(jnp.float32), top_k)
     x_NxK = vals_NxK / jnp.maximum(temperature, 1e-6)
     if top_p < 1.0:
       x_NxK = _nucleus(x_NxK, top_p)
@@ -147,19 +184,32 @@ def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.
   return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sc", "rules"))
-def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
-             cfg: model_lib.ModelConfig, sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
-  """Device-side sampling on left-padded prompts; returns [B*n, T] arrays."""
-  temperature, top_k, top_p = sc.temperature, sc.top_k, sc.top_p
+@functools.partial(jax.jit, static_argnames=("cfg", "length", "rules"))
+def prefill(params, prompts_BxP, prompt_mask_BxP, *, cfg: model_lib.ModelConfig, length: int,
+            rules=partitioning.DEFAULT_RULES):
+  """Left-padded prompts -> (logits of their last position [B, V], their KV cache
+  with `length` slots, the prompt's at the end)."""
   with nn.logical_axis_rules(rules):
     b, p = prompts_BxP.shape
-    n, t = sc.num_samples, sc.max_new_tokens
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
-    logits_Bx1xV, prefix = model_lib.apply(
+    logits_Bx1xV, cache = model_lib.apply(
         cfg, params, prompts_BxP, positions_BxL=positions_BxP,
         kv_mask_BxS=prompt_mask_BxP.astype(bool), cache=model_lib.init_cache(cfg, b, p),
         cache_index=0, last_only=True)
+    cache = [{name: jnp.pad(c, [(length - p if a == model_lib.CACHE_LENGTH_AXIS[name] else 0, 0)
+                                for a in range(c.ndim)]) for name, c in layer.items()} for layer in cache]
+    return logits_Bx1xV[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "rules"))
+def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
+           cfg: model_lib.ModelConfig, sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
+  """`sc.num_samples` continuations of each prefilled prompt (`prefill`'s outputs,
+  `prompt_mask_BxP` marking its real slots); returns [B*n, T] arrays."""
+  temperature, top_k, top_p = sc.temperature, sc.top_k, sc.top_p
+  with nn.logical_axis_rules(rules):
+    b, p = prompt_mask_BxP.shape
+    n, t = sc.num_samples, sc.max_new_tokens
     # The samples of a prompt share its prefill and read its keys once (`prefix`);
     # each row's own cache holds only the generated tokens, and grows by segment.
     rep = lambda x: jnp.repeat(x, n, axis=0)
@@ -170,7 +220,7 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
         logprobs=jnp.zeros((b * n, t), jnp.float32),
         lengths=jnp.zeros((b * n,), jnp.int32),
         done=jnp.zeros((b * n,), bool),
-        logits=rep(logits_Bx1xV[:, -1]),
+        logits=rep(logits_BxV),
         position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
         kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, widths[0]), bool)], 1),
         cache=model_lib.init_cache(cfg, b * n, widths[0]),
@@ -181,7 +231,7 @@ def generate(params, prompts_BxP, prompt_mask_BxP, rng, eos_id, pad_id, *,
       step, done = s["step"], s["done"]
       tok_N = sample_token(s["logits"], sub, temperature, top_k, top_p)
       lp_N = (jnp.take_along_axis(s["logits"], tok_N[:, None], -1)[:, 0]
-              - jax.nn.logsumexp(s["logits"], axis=-1))
+              - logsumexp(s["logits"]))
       tok_N = jnp.where(done, pad_id, tok_N)
       kv_mask = s["kv_mask"].at[:, p + step].set(~done)
       logits, cache = model_lib.apply(
@@ -247,12 +297,16 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: i
 def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[int]],
            sc: SamplingConfig = GREEDY, *, eos_id: int = 1, pad_id: int = 0,
            rng: jax.Array | int = 0, batch_size: int = 32, max_prompt_len: int | None = None,
-           mesh=None, rules=partitioning.DEFAULT_RULES, progress=None) -> Samples:
+           mesh=None, rules=partitioning.DEFAULT_RULES, progress=None,
+           prefill_groups: int = 4) -> Samples:
   """Samples `sc.num_samples` completions for each prompt (token lists).
 
-  Prompts are processed `batch_size` at a time (the last batch padded, so every
-  call has the same shape).  Prompt length is bucketed to a power of two, or
-  fixed with `max_prompt_len`.  With a mesh the batch is sharded over the
+  Prompts are sorted by length and processed `batch_size` at a time (the last
+  batch padded, so every call has the same shape); results come back in the
+  given order.  Each batch's prompt length is bucketed (`bucket_length`), or
+  fixed with `max_prompt_len`; its prefill runs in `prefill_groups` groups of
+  similar length, each padded only to its own bucket (a 32-prompt GSM8K batch
+  prefills 25% fewer tokens).  With a mesh the batch is sharded over the
   data axes (`batch_size` is rounded up to a multiple of their size); with
   several processes every host passes the same prompts, its devices sample
   their rows, and every host gets all the samples back.
@@ -262,28 +316,43 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
     rng = jax.random.key(rng)
   num_samples, max_new_tokens = sc.num_samples, sc.max_new_tokens
   num = len(prompt_tokens)
-  if mesh is not None:
-    dp = partitioning.data_parallel_size(mesh)
-    batch_size = -(-batch_size // dp) * dp
-  longest = max(len(p) for p in prompt_tokens) if num else 1
-  plen = max_prompt_len or bucket_length(longest)
+  dp = 1 if mesh is None else partitioning.data_parallel_size(mesh)
+  batch_size = -(-batch_size // dp) * dp
+  groups = prefill_groups if batch_size % (prefill_groups * dp) == 0 else 1
+  rows = batch_size // groups
+  for i, p in enumerate(prompt_tokens):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    if max_prompt_len and len(p) > max_prompt_len:
+      raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_prompt_len}")
+  order = np.argsort([len(p) for p in prompt_tokens], kind="stable")  # batches of similar length
   out_t = np.zeros((num, num_samples, max_new_tokens), np.int32)
   out_l = np.zeros((num, num_samples), np.int32)
   out_lp = np.zeros((num, num_samples, max_new_tokens), np.float32)
+  put = (lambda a, names: a) if mesh is None else (lambda a, names: multihost.global_array(
+      a, partitioning.sharding_for(mesh, names, a.shape, rules)))
   for start in range(0, num, batch_size):
-    chunk = prompt_tokens[start:start + batch_size]
-    toks, mask = left_pad(chunk, plen, batch_size, pad_id)
-    if mesh is not None:
-      toks, mask = (multihost.global_array(a, partitioning.sharding_for(mesh, ("batch", "length"), a.shape,
-                                                                        rules)) for a in (toks, mask))
-    t, l, lp = generate(params, toks, mask, jax.random.fold_in(rng, start),
-                        jnp.int32(eos_id), jnp.int32(pad_id), cfg=cfg, sc=sc.device_part(),
-                        rules=rules)
+    idx = order[start:start + batch_size]
+    chunk = [prompt_tokens[i] for i in idx]
+    plen = max_prompt_len or bucket_length(max(map(len, chunk)))
+    parts, masks = [], []
+    for g in range(0, batch_size, rows):  # prefill sorted groups, each at its own length
+      part = chunk[g:g + rows]
+      glen = max_prompt_len or bucket_length(max(map(len, part), default=1))
+      toks, mask = left_pad(part, glen, rows, pad_id)
+      parts.append(prefill(params, put(toks, ("batch", "length")), put(mask, ("batch", "length")),
+                           cfg=cfg, length=plen, rules=rules))
+      masks.append(np.pad(mask, ((0, 0), (plen - glen, 0))))
+    logits, prefix = (parts[0] if groups == 1 else
+                      jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts))
+    t, l, lp = decode(params, logits, prefix, put(np.concatenate(masks), ("batch", "length")),
+                      jax.random.fold_in(rng, start), jnp.int32(eos_id), jnp.int32(pad_id),
+                      cfg=cfg, sc=sc.device_part(), rules=rules)
     k = len(chunk)
     shape = (batch_size, num_samples, max_new_tokens)
-    out_t[start:start + k] = multihost.to_host(t).reshape(shape)[:k]
-    out_lp[start:start + k] = multihost.to_host(lp).reshape(shape)[:k]
-    out_l[start:start + k] = multihost.to_host(l).reshape(shape[:2])[:k]
+    out_t[idx] = multihost.to_host(t).reshape(shape)[:k]
+    out_lp[idx] = multihost.to_host(lp).reshape(shape)[:k]
+    out_l[idx] = multihost.to_host(l).reshape(shape[:2])[:k]
     if progress:
       progress(min(start + batch_size, num))
   return Samples(out_t, out_l, out_lp)

@@ -101,6 +101,24 @@ def test_eos_stops_and_pads(params):
   assert out.completions(0, eos)[0] == list(greedy.tokens[0, 0, :2])
 
 
+def test_sorted_batches_and_grouped_prefill_match_one_prompt_at_a_time(params):
+  """Prompts of mixed lengths (buckets 16, 64 and 128) come back in the given order, and
+  prefilling in groups of similar length (each at its own bucket) changes nothing."""
+  rng = np.random.RandomState(1)
+  lens = [3, 70, 5, 20, 40, 2, 9, 33]
+  prompts = [list(rng.randint(3, 61, n)) for n in lens]
+  sc = SC(num_samples=2, max_new_tokens=6, temperature=0.0)
+  grouped = sampling.sample(CFG, params, prompts, sc, eos_id=-1, batch_size=4, prefill_groups=2)
+  whole = sampling.sample(CFG, params, prompts, sc, eos_id=-1, batch_size=8, prefill_groups=1)
+  for i, pr in enumerate(prompts):
+    alone = sampling.sample(CFG, params, [pr], sc, eos_id=-1, batch_size=1)
+    np.testing.assert_array_equal(grouped.tokens[i], alone.tokens[0])
+    np.testing.assert_array_equal(whole.tokens[i], alone.tokens[0])
+    np.testing.assert_allclose(grouped.logprobs[i], alone.logprobs[0], atol=1e-4)
+  with pytest.raises(ValueError, match="prompt 1 has 70 tokens, more than max_prompt_len=64"):
+    sampling.sample(CFG, params, prompts, sc, eos_id=-1, max_prompt_len=64)
+
+
 def test_sampling_on_mesh_matches_single_device(params):
   mesh = partitioning.make_mesh((2, 2, 2))
   shardings = partitioning.logical_shardings(
