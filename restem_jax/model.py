@@ -53,7 +53,6 @@ class ModelConfig:
   sliding_window: int | None = None  # Mistral
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"
-  cache_dtype: str | None = None  # KV cache (None: dtype); "bfloat16" halves what a decode step streams
   remat: bool = False
   init_std: float = 0.02
 
@@ -218,8 +217,10 @@ class Attention(nn.Module):
       o_BxKxGLxE = _weighted_values(p_BxKxGLxS, v_BxKxSxE, l == 1 and cache is not None).astype(dt)
     else:
       o_BxKxGLxE = _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt)
-    o_BxLxHxE = o_BxKxGLxE.reshape(b, k, g, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
-    out_BxLxD = jnp.einsum("blhe,hed->bld", o_BxLxHxE, wo.astype(dt))
+    # heads and head dim flattened on both sides: a plain [B*L, H*E] x [H*E, D] matmul (as an
+    # einsum over (h, e), XLA transposed the weight inside the decode loop at every step)
+    o_BxLxHE = o_BxKxGLxE.reshape(b, k, g, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h * e)
+    out_BxLxD = o_BxLxHE @ wo.astype(dt).reshape(h * e, d)
     return constrain(out_BxLxD, ("batch", "length", "act_embed")), cache
 
 
@@ -303,7 +304,7 @@ class Decoder(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """Zeros: keys [B, K, E, S] (transposed, so that scores need no transpose: 3x
   faster than [B, K, S, E] on CPU for a 128-slot decode), values [B, K, S, E]."""
-  dt = jnp.dtype(cfg.cache_dtype or cfg.dtype)
+  dt = jnp.dtype(cfg.dtype)
   e, k = cfg.dim_per_head, cfg.num_kv_heads
   return [{"k": jnp.zeros((batch, k, e, length), dt), "v": jnp.zeros((batch, k, length, e), dt)}
           for _ in range(cfg.num_layers)]
