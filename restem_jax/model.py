@@ -115,19 +115,13 @@ def attention_mask(q_index_L: Array, kv_mask_BxS: Array,
   return causal_LxS[None] & kv_mask_BxS[:, None, :].astype(bool)
 
 
-def _scores(q_XxQxE, k_XxExS, one_token: bool):
-  """[..., Q, S] float32 dot products.  One decode token on CPU: a multiply-reduce,
-  which streams the cache once per step (these products are memory-bound; a
-  batched GEMM with 3 query rows runs ~25% slower); otherwise a dot."""
-  if one_token and jax.default_backend() == "cpu":
-    return jnp.sum(q_XxQxE[..., None].astype(jnp.float32) * k_XxExS[..., None, :, :].astype(jnp.float32), -2)
+def _scores(q_XxQxE, k_XxExS):
+  """[..., Q, S] float32 dot products of queries and (transposed) keys."""
   return jnp.einsum("...qe,...es->...qs", q_XxQxE, k_XxExS, preferred_element_type=jnp.float32)
 
 
-def _weighted_values(p_XxQxS, v_XxSxE, one_token: bool):
-  """[..., Q, E] float32: probabilities times values (see `_scores`)."""
-  if one_token and jax.default_backend() == "cpu":
-    return jnp.sum(p_XxQxS[..., None].astype(jnp.float32) * v_XxSxE[..., None, :, :].astype(jnp.float32), -2)
+def _weighted_values(p_XxQxS, v_XxSxE):
+  """[..., Q, E] float32: probabilities times values."""
   return jnp.einsum("...qs,...se->...qe", p_XxQxS, v_XxSxE, preferred_element_type=jnp.float32)
 
 
@@ -139,15 +133,14 @@ def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, 
   _, _, g, l, _ = s_BxKxGxLxS.shape
   c, pl = prefix["v"].shape[0], prefix["v"].shape[2]
   n = b // c
-  one = l == 1
   q_CxKxNGLxE = q_BxKxGLxE.reshape(c, n, k, gl, e).transpose(0, 2, 1, 3, 4).reshape(c, k, n * gl, e)
-  s_CxKxNxGxLxP = _scores(q_CxKxNGLxE, prefix["k"].astype(dt), one).reshape(c, k, n, g, l, pl)
+  s_CxKxNxGxLxP = _scores(q_CxKxNGLxE, prefix["k"].astype(dt)).reshape(c, k, n, g, l, pl)
   # every row of a prompt sees the same prompt slots
   mask_Cx1x1x1xLxP = mask_BxLxS[::n, :, :pl][:, None, None, None]
   s_CxKxNxGxLxP = jnp.where(mask_Cx1x1x1xLxP, s_CxKxNxGxLxP, -1e30)
   m_CxKxNxGxLx1 = jnp.max(s_CxKxNxGxLxP, -1, keepdims=True)
   e_CxKxNxGxLxP = jnp.exp(s_CxKxNxGxLxP - m_CxKxNxGxLx1)
-  o_CxKxNGLxE = _weighted_values(e_CxKxNxGxLxP.reshape(c, k, n * gl, pl).astype(dt), prefix["v"].astype(dt), one)
+  o_CxKxNGLxE = _weighted_values(e_CxKxNxGxLxP.reshape(c, k, n * gl, pl).astype(dt), prefix["v"].astype(dt))
   to_b = lambda x: x.reshape(c, k, n, g, l, -1).transpose(0, 2, 1, 3, 4, 5).reshape(b, k, g, l, -1)  # noqa: E731
   m_pre_BxKxGxLx1 = to_b(m_CxKxNxGxLx1)
   sum_pre_BxKxGxLx1 = to_b(jnp.sum(e_CxKxNxGxLxP, -1, keepdims=True))
@@ -156,8 +149,8 @@ def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, 
   m_BxKxGxLx1 = jnp.maximum(jnp.max(s_BxKxGxLxS, -1, keepdims=True), m_pre_BxKxGxLx1)
   e_BxKxGxLxS = jnp.exp(s_BxKxGxLxS - m_BxKxGxLx1)
   scale_BxKxGxLx1 = jnp.exp(m_pre_BxKxGxLx1 - m_BxKxGxLx1)
-  o_own_BxKxGxLxE = _weighted_values(e_BxKxGxLxS.reshape(b, k, gl, -1).astype(dt), v_BxKxSxE,
-                                     one).reshape(b, k, g, l, e)
+  o_own_BxKxGxLxE = _weighted_values(e_BxKxGxLxS.reshape(b, k, gl, -1).astype(dt),
+                                     v_BxKxSxE).reshape(b, k, g, l, e)
   total_BxKxGxLx1 = jnp.sum(e_BxKxGxLxS, -1, keepdims=True) + scale_BxKxGxLx1 * sum_pre_BxKxGxLx1
   o_BxKxGxLxE = (o_own_BxKxGxLxE + scale_BxKxGxLx1 * o_pre_BxKxGxLxE) / total_BxKxGxLx1
   return o_BxKxGxLxE.astype(dt).reshape(b, k, gl, e)
@@ -204,7 +197,7 @@ class Attention(nn.Module):
           cache["v"], v_BxKxLxE.astype(cache["v"].dtype), (0, 0, cache_index - p, 0))
       cache = {"k": k_BxKxExS, "v": v_BxKxSxE}
       k_BxKxExS = constrain(k_BxKxExS.astype(dt), CACHE_NAMES["k"])
-      s_BxKxGLxS = _scores(q_BxKxGLxE, k_BxKxExS, l == 1)
+      s_BxKxGLxS = _scores(q_BxKxGLxE, k_BxKxExS)
     else:
       v_BxKxSxE = v_BxKxLxE
       k_BxKxSxE = constrain(k_BxKxLxE.astype(dt), CACHE_NAMES["v"])  # the values' [B, K, S, E] layout
@@ -214,7 +207,7 @@ class Attention(nn.Module):
     if prefix is None:
       s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
       p_BxKxGLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt).reshape(b, k, g * l, -1)
-      o_BxKxGLxE = _weighted_values(p_BxKxGLxS, v_BxKxSxE, l == 1 and cache is not None).astype(dt)
+      o_BxKxGLxE = _weighted_values(p_BxKxGLxS, v_BxKxSxE).astype(dt)
     else:
       o_BxKxGLxE = _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt)
     # heads and head dim flattened on both sides: a plain [B*L, H*E] x [H*E, D] matmul (as an

@@ -303,10 +303,10 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
 
   Prompts are sorted by length and processed `batch_size` at a time (the last
   batch padded, so every call has the same shape); results come back in the
-  given order.  Each batch's prompt length is bucketed (`bucket_length`), or
-  fixed with `max_prompt_len`; its prefill runs in `prefill_groups` groups of
-  similar length, each padded only to its own bucket (a 32-prompt GSM8K batch
-  prefills 25% fewer tokens).  With a mesh the batch is sharded over the
+  given order.  The longest prompt's length is bucketed (`bucket_length`), or
+  fixed with `max_prompt_len`; each batch's prefill runs in `prefill_groups`
+  groups of similar length, each padded only to its own bucket (a 32-prompt
+  GSM8K batch prefills 25% fewer tokens).  With a mesh the batch is sharded over the
   data axes (`batch_size` is rounded up to a multiple of their size); with
   several processes every host passes the same prompts, its devices sample
   their rows, and every host gets all the samples back.
@@ -326,6 +326,8 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
     if max_prompt_len and len(p) > max_prompt_len:
       raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_prompt_len}")
   order = np.argsort([len(p) for p in prompt_tokens], kind="stable")  # batches of similar length
+  # one prompt bucket per call: the decode loop compiles once (prefill groups, cheap, per bucket)
+  plen = max_prompt_len or bucket_length(max(map(len, prompt_tokens), default=1))
   out_t = np.zeros((num, num_samples, max_new_tokens), np.int32)
   out_l = np.zeros((num, num_samples), np.int32)
   out_lp = np.zeros((num, num_samples, max_new_tokens), np.float32)
@@ -334,7 +336,6 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   for start in range(0, num, batch_size):
     idx = order[start:start + batch_size]
     chunk = [prompt_tokens[i] for i in idx]
-    plen = max_prompt_len or bucket_length(max(map(len, chunk)))
     parts, masks = [], []
     for g in range(0, batch_size, rows):  # prefill sorted groups, each at its own length
       part = chunk[g:g + rows]
