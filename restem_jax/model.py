@@ -115,16 +115,6 @@ def attention_mask(q_index_L: Array, kv_mask_BxS: Array,
   return causal_LxS[None] & kv_mask_BxS[:, None, :].astype(bool)
 
 
-def _scores(q_XxQxE, k_XxExS):
-  """[..., Q, S] float32 dot products of queries and (transposed) keys."""
-  return jnp.einsum("...qe,...es->...qs", q_XxQxE, k_XxExS, preferred_element_type=jnp.float32)
-
-
-def _weighted_values(p_XxQxS, v_XxSxE):
-  """[..., Q, E] float32: probabilities times values."""
-  return jnp.einsum("...qs,...se->...qe", p_XxQxS, v_XxSxE, preferred_element_type=jnp.float32)
-
-
 def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt):
   """Attention over a shared prompt prefix (a cache of C rows; rows c*N .. c*N+N-1 of
   the batch continue prompt c) and each row's own cache, softmax-merged from the
@@ -134,13 +124,15 @@ def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, 
   c, pl = prefix["v"].shape[0], prefix["v"].shape[2]
   n = b // c
   q_CxKxNGLxE = q_BxKxGLxE.reshape(c, n, k, gl, e).transpose(0, 2, 1, 3, 4).reshape(c, k, n * gl, e)
-  s_CxKxNxGxLxP = _scores(q_CxKxNGLxE, prefix["k"].astype(dt)).reshape(c, k, n, g, l, pl)
+  s_CxKxNxGxLxP = jnp.einsum("ckqe,ckep->ckqp", q_CxKxNGLxE, prefix["k"].astype(dt),
+                             preferred_element_type=jnp.float32).reshape(c, k, n, g, l, pl)
   # every row of a prompt sees the same prompt slots
   mask_Cx1x1x1xLxP = mask_BxLxS[::n, :, :pl][:, None, None, None]
   s_CxKxNxGxLxP = jnp.where(mask_Cx1x1x1xLxP, s_CxKxNxGxLxP, -1e30)
   m_CxKxNxGxLx1 = jnp.max(s_CxKxNxGxLxP, -1, keepdims=True)
   e_CxKxNxGxLxP = jnp.exp(s_CxKxNxGxLxP - m_CxKxNxGxLx1)
-  o_CxKxNGLxE = _weighted_values(e_CxKxNxGxLxP.reshape(c, k, n * gl, pl).astype(dt), prefix["v"].astype(dt))
+  o_CxKxNGLxE = jnp.einsum("ckqp,ckpe->ckqe", e_CxKxNxGxLxP.reshape(c, k, n * gl, pl).astype(dt),
+                           prefix["v"].astype(dt), preferred_element_type=jnp.float32)
   to_b = lambda x: x.reshape(c, k, n, g, l, -1).transpose(0, 2, 1, 3, 4, 5).reshape(b, k, g, l, -1)  # noqa: E731
   m_pre_BxKxGxLx1 = to_b(m_CxKxNxGxLx1)
   sum_pre_BxKxGxLx1 = to_b(jnp.sum(e_CxKxNxGxLxP, -1, keepdims=True))
@@ -149,8 +141,8 @@ def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, 
   m_BxKxGxLx1 = jnp.maximum(jnp.max(s_BxKxGxLxS, -1, keepdims=True), m_pre_BxKxGxLx1)
   e_BxKxGxLxS = jnp.exp(s_BxKxGxLxS - m_BxKxGxLx1)
   scale_BxKxGxLx1 = jnp.exp(m_pre_BxKxGxLx1 - m_BxKxGxLx1)
-  o_own_BxKxGxLxE = _weighted_values(e_BxKxGxLxS.reshape(b, k, gl, -1).astype(dt),
-                                     v_BxKxSxE).reshape(b, k, g, l, e)
+  o_own_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", e_BxKxGxLxS.astype(dt), v_BxKxSxE,
+                               preferred_element_type=jnp.float32)
   total_BxKxGxLx1 = jnp.sum(e_BxKxGxLxS, -1, keepdims=True) + scale_BxKxGxLx1 * sum_pre_BxKxGxLx1
   o_BxKxGxLxE = (o_own_BxKxGxLxE + scale_BxKxGxLx1 * o_pre_BxKxGxLxE) / total_BxKxGxLx1
   return o_BxKxGxLxE.astype(dt).reshape(b, k, gl, e)
@@ -197,7 +189,7 @@ class Attention(nn.Module):
           cache["v"], v_BxKxLxE.astype(cache["v"].dtype), (0, 0, cache_index - p, 0))
       cache = {"k": k_BxKxExS, "v": v_BxKxSxE}
       k_BxKxExS = constrain(k_BxKxExS.astype(dt), CACHE_NAMES["k"])
-      s_BxKxGLxS = _scores(q_BxKxGLxE, k_BxKxExS)
+      s_BxKxGLxS = jnp.einsum("bkqe,bkes->bkqs", q_BxKxGLxE, k_BxKxExS, preferred_element_type=jnp.float32)
     else:
       v_BxKxSxE = v_BxKxLxE
       k_BxKxSxE = constrain(k_BxKxLxE.astype(dt), CACHE_NAMES["v"])  # the values' [B, K, S, E] layout
@@ -207,7 +199,7 @@ class Attention(nn.Module):
     if prefix is None:
       s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, -1e30)
       p_BxKxGLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(dt).reshape(b, k, g * l, -1)
-      o_BxKxGLxE = _weighted_values(p_BxKxGLxS, v_BxKxSxE).astype(dt)
+      o_BxKxGLxE = jnp.einsum("bkqs,bkse->bkqe", p_BxKxGLxS, v_BxKxSxE)
     else:
       o_BxKxGLxE = _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt)
     # heads and head dim flattened on both sides: a plain [B*L, H*E] x [H*E, D] matmul (as an
