@@ -118,14 +118,18 @@ def chunked_top_k(x_NxV, k: int, chunk: int = 64):
   return vals_NxK, jnp.take_along_axis(chunk_NxK, pos_NxK // chunk, 1) * chunk + pos_NxK % chunk
 
 
-def logsumexp(x_NxV, chunk: int = 128):
-  """Row-wise log-sum-exp; the sum runs over chunks first (vectorised across
-  each chunk) then within them: 2.4x faster than `jax.nn.logsumexp` for a
-  49k vocabulary on CPU, whose row sum is a sequential reduction."""
+def logsumexp(x_NxV):
+  """Row-wise log-sum-exp, the sum of exponentials as a product with a ones vector.
+
+  On CPU, XLA emits a row sum with elementwise work fused into it as one sequential
+  accumulation per row (latency bound: ~27 ms for 256 rows of a 49k vocabulary in
+  the decode loop); the matrix-vector product runs vectorised, ~4x faster.
+  """
   m_Nx1 = jax.lax.stop_gradient(jnp.max(x_NxV, -1, keepdims=True))
   m_Nx1 = jnp.where(jnp.isfinite(m_Nx1), m_Nx1, 0.0)
-  e_NxCxW = jnp.exp(_chunked(x_NxV - m_Nx1, chunk))
-  return m_Nx1[:, 0] + jnp.log(jnp.sum(jnp.sum(e_NxCxW, 1), -1))
+  ones_V = jnp.ones(x_NxV.shape[-1:], jnp.float32)
+  sum_N = jnp.dot(jnp.exp(x_NxV.astype(jnp.float32) - m_Nx1), ones_V, precision=jax.lax.Precision.HIGHEST)
+  return m_Nx1[:, 0] + jnp.log(sum_N)
 
 
 def filter_logits(logits_NxV, temperature, top_k: int = 0, top_p: float = 1.0):
@@ -214,13 +218,24 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
     # each row's own cache holds only the generated tokens, and grows by segment.
     rep = lambda x: jnp.repeat(x, n, axis=0)
     widths = decode_segments(t)
+
+    def pick(logits_NxV, rng, done_N):
+      """The next token of each row (pad where done) and its log-probability."""
+      tok_N = sample_token(logits_NxV, rng, temperature, top_k, top_p)
+      lp_N = jnp.take_along_axis(logits_NxV, tok_N[:, None], -1)[:, 0] - logsumexp(logits_NxV)
+      return jnp.where(done_N, pad_id, tok_N), jnp.where(done_N, 0.0, lp_N)
+
+    # Token 0 comes from the prefill's logits; step j feeds token j - 1 (cache slot
+    # j - 1) and samples token j, so t tokens take t - 1 forward passes.
+    rng, sub = jax.random.split(rng)
+    tok_N, lp_N = pick(rep(logits_BxV), sub, jnp.zeros((b * n,), bool))
     state = dict(
-        step=jnp.int32(0),
-        tokens=jnp.full((b * n, t), pad_id, jnp.int32),
-        logprobs=jnp.zeros((b * n, t), jnp.float32),
-        lengths=jnp.zeros((b * n,), jnp.int32),
-        done=jnp.zeros((b * n,), bool),
-        logits=rep(logits_BxV),
+        step=jnp.int32(1),
+        tokens=jnp.full((b * n, t), pad_id, jnp.int32).at[:, 0].set(tok_N),
+        logprobs=jnp.zeros((b * n, t), jnp.float32).at[:, 0].set(lp_N),
+        lengths=jnp.ones((b * n,), jnp.int32),
+        done=tok_N == eos_id,
+        last=tok_N,
         position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
         kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, widths[0]), bool)], 1),
         cache=model_lib.init_cache(cfg, b * n, widths[0]),
@@ -229,27 +244,26 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
     def body(s):
       rng, sub = jax.random.split(s["rng"])
       step, done = s["step"], s["done"]
-      tok_N = sample_token(s["logits"], sub, temperature, top_k, top_p)
-      lp_N = (jnp.take_along_axis(s["logits"], tok_N[:, None], -1)[:, 0]
-              - logsumexp(s["logits"]))
-      tok_N = jnp.where(done, pad_id, tok_N)
-      kv_mask = s["kv_mask"].at[:, p + step].set(~done)
+      slot = p + step - 1
+      kv_mask = s["kv_mask"].at[:, slot].set(~done)
       logits, cache = model_lib.apply(
-          cfg, params, tok_N[:, None], positions_BxL=s["position"][:, None],
-          kv_mask_BxS=kv_mask, cache=s["cache"], cache_index=p + step, prefix=prefix)
+          cfg, params, s["last"][:, None], positions_BxL=s["position"][:, None],
+          kv_mask_BxS=kv_mask, cache=s["cache"], cache_index=slot, prefix=prefix)
+      tok_N, lp_N = pick(logits[:, 0], sub, done)
       return dict(
           step=step + 1,
           tokens=s["tokens"].at[:, step].set(tok_N),
-          logprobs=s["logprobs"].at[:, step].set(jnp.where(done, 0.0, lp_N)),
+          logprobs=s["logprobs"].at[:, step].set(lp_N),
           lengths=s["lengths"] + (~done).astype(jnp.int32),
           done=done | (tok_N == eos_id),
-          logits=logits[:, 0],
+          last=tok_N,
           position=s["position"] + 1,
           kv_mask=kv_mask,
           cache=cache,
           rng=rng)
 
-    # Each segment attends over the slots written so far (rounded up), not all t.
+    # Each segment attends over the slots written so far (rounded up), not all t:
+    # a segment of width w feeds slots < w.
     for i, w in enumerate(widths):
       if i:
         grow = w - widths[i - 1]
@@ -260,7 +274,7 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
       state["cache"] = [{name: model_lib.constrain(c, model_lib.CACHE_NAMES[name]) for name, c in layer.items()}
                         for layer in state["cache"]]
       state = jax.lax.while_loop(
-          lambda s, w=w: (s["step"] < w) & ~jnp.all(s["done"]), body, state)
+          lambda s, w=w: (s["step"] < t) & (s["step"] <= w) & ~jnp.all(s["done"]), body, state)
     return state["tokens"], state["lengths"], state["logprobs"]
 
 

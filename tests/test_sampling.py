@@ -177,3 +177,24 @@ def test_sampled_logprobs_match_full_forward(params):
       lp = jax.nn.log_softmax(forward(params, jnp.asarray([seq]))[0])
       want = [float(lp[len(pr) + k - 1, seq[len(pr) + k]]) for k in range(40)]
       np.testing.assert_allclose(out.logprobs[i, j], want, atol=2e-4)
+
+
+def test_logsumexp_matches_jax_with_masked_entries():
+  x = np.random.RandomState(0).randn(6, 5000).astype(np.float32) * 4
+  x[2] = -np.inf  # a fully masked row stays -inf
+  x[3, :4000] = -np.inf
+  got, want = np.asarray(sampling.logsumexp(jnp.asarray(x))), np.asarray(jax.nn.logsumexp(x, -1))
+  assert got[2] == -np.inf
+  np.testing.assert_allclose(np.delete(got, 2), np.delete(want, 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("new", [1, 2])
+def test_shortest_decodes_are_greedy(params, new):
+  """Token 0 comes from the prefill, token j from the j-th forward pass."""
+  prompts = [[5, 6, 7], [9, 10]]
+  out = sampling.sample(CFG, params, prompts, SC(max_new_tokens=new), eos_id=-1, batch_size=2)
+  for i, pr in enumerate(prompts):
+    seq = list(pr)
+    for _ in range(new):
+      seq.append(int(jnp.argmax(forward(params, jnp.asarray([seq]))[0, -1])))
+    assert list(out.tokens[i, 0]) == seq[len(pr):] and out.lengths[i, 0] == new
