@@ -36,10 +36,45 @@ PRE_TOKENIZER_SPLITS = {
 
 @functools.lru_cache(maxsize=2)
 def _reader(path: str):
-  from gguf import GGUFReader
+  """The file's GGUFReader, after checking that the header and every tensor's
+  bytes lie within the file (a truncated download otherwise fails deep inside
+  numpy without naming the file)."""
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such GGUF file")
-  return GGUFReader(path)
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+  class Checked(GGUFReader):
+    def _get(self, offset, dtype, count=1, override_order=None):
+      end = int(offset) + np.dtype(dtype).itemsize * int(count)
+      if end > size:
+        raise ValueError(f"{path}: truncated GGUF file: its header needs bytes {int(offset)}..{end}, "
+                         f"the file has {size} (download or convert it again)")
+      return super()._get(offset, dtype, count, override_order)
+
+    def _build_tensors(self, start_offs, fields):
+      for field in fields:  # (name length, name, n_dims, dims, type, offset): the GGUF tensor info
+        name = bytes(field.parts[1]).decode("utf-8", "replace")
+        kind = GGMLQuantizationType(int(field.parts[4][0]))
+        block, type_size = GGML_QUANT_SIZES[kind]
+        start = int(start_offs + field.parts[5][0])
+        end = start + int(np.prod(field.parts[3])) * type_size // block
+        if end > size:
+          raise ValueError(f"{path}: tensor {name!r} ({kind.name}) lies at bytes {start}..{end}, "
+                           f"past the end of the file ({size} bytes): the file is truncated "
+                           "(download or convert it again)")
+      super()._build_tensors(start_offs, fields)
+
+  try:
+    return Checked(path)
+  except ValueError as e:
+    if str(e).startswith(path):
+      raise
+    raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
 
 
 def metadata(path: str) -> dict:

@@ -82,11 +82,33 @@ class SafetensorsFile:
 
   def __init__(self, path: str):
     self.path = path
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such safetensors file")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-      (n,) = struct.unpack("<Q", f.read(8))
-      header = json.loads(f.read(n))
+      head = f.read(8)
+      n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+      if n is None or 8 + n > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes; its header "
+                         f"{'length is missing' if n is None else f'needs {8 + n}'})")
+      try:
+        header = json.loads(f.read(n))
+      except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
     header.pop("__metadata__", None)
     self.header, self.offset = header, 8 + n
+    for name, h in header.items():  # every tensor's bytes lie in the file and fit its shape
+      try:
+        start, end = (int(x) for x in h["data_offsets"])
+        want = int(np.prod(h["shape"])) * np.dtype(_DTYPES.get(h["dtype"], np.uint8)).itemsize
+      except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {name!r}: bad header entry {h!r}") from None
+      if self.offset + end > size:
+        raise ValueError(f"{path}: tensor {name!r} lies at bytes {self.offset + start}..{self.offset + end}, "
+                         f"past the end of the file ({size} bytes): the file is truncated")
+      if h["dtype"] in _DTYPES and end - start != want:
+        raise ValueError(f"{path}: tensor {name!r}: {end - start} bytes for shape {h['shape']} "
+                         f"{h['dtype']} (expected {want})")
     self._mm = np.memmap(path, np.uint8, mode="r")
 
   def keys(self):
@@ -108,8 +130,16 @@ def open_checkpoint(model_dir: str) -> dict[str, SafetensorsFile]:
     return gguf.open_checkpoint(model_dir)
   index = os.path.join(model_dir, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{index}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    except (KeyError, TypeError):
+      raise ValueError(f"{index}: no 'weight_map' object") from None
+    missing = sorted({fn for fn in weight_map.values() if not os.path.exists(os.path.join(model_dir, fn))})
+    if missing:
+      raise FileNotFoundError(f"{index}: lists shard(s) {missing}, not found in {model_dir}")
     files = {fn: SafetensorsFile(os.path.join(model_dir, fn)) for fn in set(weight_map.values())}
     return {name: files[fn] for name, fn in weight_map.items()}
   single = os.path.join(model_dir, "model.safetensors")
