@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/arith_demo
+# pytest-xdist workers: one per core, at most 4 (each holds its own JAX, TensorFlow and models)
+TEST_WORKERS ?= $(shell $(PY) -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
 
 .PHONY: demo test venv sandbox benchmarks clean
 
@@ -22,13 +24,13 @@ venv: $(STAMP)
 sandbox:
 	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } || \
-	  echo "warning: bubblewrap (bwrap) is not installed: the code sandbox falls back to rlimits, a scrubbed environment and a temporary directory"
+	  echo "warning: bubblewrap (bwrap) is not installed: code tasks (APPS, HumanEval) refuse to run model-written code until it is, or until you opt in to rlimits-only isolation (--gin.restem_main.allow_unisolated_code=True)"
 
 demo: $(STAMP) sandbox
 	$(BIN)/python -m restem_jax.main --gin_file=gin/restem_arith.gin --gin.RUN_DIR="'$(RUN_DIR)'"
 
 test: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sampler.py

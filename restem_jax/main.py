@@ -51,19 +51,29 @@ def _setup(model, hf_model_dir):
   return model, vocab.HFTokenizerVocabulary(hf_model_dir)
 
 
-def _task(name, data_dir, task_options, prompt="", chat=None, vocab=None):
+def _task(name, data_dir, task_options, prompt="", chat=None, vocab=None, allow_unisolated=False):
   """The task `name` as configured: data folder, options, prompt template, and
-  (with a ChatFormat) prompts rendered by the tokenizer's chat template."""
+  (with a ChatFormat) prompts rendered by the tokenizer's chat template.  A task
+  whose verifier runs model-written code checks the sandbox here, before any
+  sampling: without bubblewrap it refuses unless `allow_unisolated`."""
+  import dataclasses
   import tasks
   task = tasks.get(name, data_dir=data_dir, options=dict(task_options or {}).get(name), prompt=prompt)
+  if hasattr(task.verifier, "allow_unisolated"):
+    from restem_jax.verifiers import sandbox
+    sandbox.require_isolation(allow_unisolated)
+    task = dataclasses.replace(task, verifier=dataclasses.replace(task.verifier, allow_unisolated=allow_unisolated))
   return tasks.chat(task, vocab, chat) if chat is not None else task
 
 
 def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="",
-                task_options=None, prompt="", chat=None):
+                task_options=None, prompt="", chat=None, allow_unisolated_code=False):
   """ReST^EM in run_dir.  `task_options`: {task name: its options} (arith: an
   ArithConfig; apps: difficulties); `prompt` replaces the main task's template;
-  `chat` (a ChatFormat) renders every task's prompts with the chat template."""
+  `chat` (a ChatFormat) renders every task's prompts with the chat template;
+  `allow_unisolated_code` lets code tasks run programs without bubblewrap
+  (rlimits only; by default they refuse to start).  The other entry points
+  take the last four the same way."""
   import dataclasses
   from restem_jax import restem
   from restem_jax.checkpoints import absolute
@@ -71,14 +81,16 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
   config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir),
                                prm_filter=absolute(config.prm_filter))
   model, vocab = _setup(model, config.hf_model_dir)
-  task = _task(config.task, data_dir, task_options, prompt, chat, vocab)
-  transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab), s) for t, s in config.transfer]
+  task = _task(config.task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
+  transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab, allow_unisolated=allow_unisolated_code), s)
+              for t, s in config.transfer]
   return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab, task=task,
                     transfer=transfer)
 
 
 def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(1,), batch_size=64,
-              limit=0, out="", data_dir="", task_options=None, hf_model_dir="", prompt="", chat=None):
+              limit=0, out="", data_dir="", task_options=None, hf_model_dir="", prompt="", chat=None,
+              allow_unisolated_code=False):
   """Evaluates `checkpoint` (a training folder, or hf_model_dir itself when empty):
   greedy pass@1, and pass@k / maj@k of `sampling`'s samples."""
   from restem_jax import evaluation
@@ -86,7 +98,8 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
   from restem_jax.sampling import SamplingConfig
   checkpoint, out, data_dir, hf_model_dir = map(absolute, (checkpoint, out, data_dir, hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
-  df = evaluation.evaluate(checkpoint or hf_model_dir, _task(task, data_dir, task_options, prompt, chat, vocab),
+  the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
+  df = evaluation.evaluate(checkpoint or hf_model_dir, the_task,
                            model=model, split=split, vocab=vocab, sc=sampling or SamplingConfig(),
                            ks=tuple(ks), batch_size=batch_size, limit=limit or None)
   summary = df.attrs["summary"]
@@ -101,7 +114,7 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
 
 
 def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 1), data_dir="",
-                task_options=None, hf_model_dir="", prompt="", chat=None):
+                task_options=None, hf_model_dir="", prompt="", chat=None, allow_unisolated_code=False):
   """Trains an ORM or PRM (`config`, a RewardConfig) in run_dir."""
   import dataclasses
   from restem_jax import reward_run
@@ -111,7 +124,8 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
                                init=config.init if config.init in ("policy", "scratch") else absolute(config.init))
   model, vocab = _setup(model, hf_model_dir)
   summary = reward_run.train_run(run_dir, config, model, train, vocab,
-                                 _task(task, data_dir, task_options, prompt, chat, vocab), tuple(mesh_shape))
+                                 _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code),
+                                 tuple(mesh_shape))
   print(json.dumps(summary, indent=1))
   return summary
 
@@ -119,7 +133,7 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
 def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="test", limit=0,
                    sampling=None, num_subsets=200, config=None, reward_train=None, filter_restem=None,
                    filter_mstep=None, mesh_shape=(-1, 1, 1), data_dir="", task_options=None,
-                   hf_model_dir="", prompt="", chat=None):
+                   hf_model_dir="", prompt="", chat=None, allow_unisolated_code=False):
   """Best-of-N of `policy`'s samples: pass@N, majority, ORM / PRM picks and weighted
   votes.  An empty `orm` / `prm` is trained here first (run_dir/orm, run_dir/prm,
   with `config` and `reward_train`); with `filter_restem` (a RestemConfig) one
@@ -132,7 +146,7 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
   run_dir, policy, orm, prm, data_dir, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, data_dir,
                                                                     hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
-  the_task = _task(task, data_dir, task_options, prompt, chat, vocab)
+  the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
   config = config or reward_run.RewardConfig()
   trained = {}
   for kind in ("orm", "prm"):

@@ -123,19 +123,36 @@ RED_TEAM = {
 }
 
 
-def _program_processes():
-  """Live processes of the sandbox's per-program uids (>= 100000)."""
-  found = []
-  for d in os.listdir("/proc"):
+def _our_processes():
+  """{pid: (uid, state, name, cmdline)} of every process descended from this one.  A program
+  cannot leave the sandbox's PID namespace, so whatever it leaves behind is among these;
+  another pytest worker's sandboxes (running at the same time) are not."""
+  procs, parent = {}, {}
+  for d in filter(str.isdigit, os.listdir("/proc")):
     try:
       with open(f"/proc/{d}/status") as f:
         fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+      with open(f"/proc/{d}/cmdline", "rb") as f:
+        cmd = f.read().decode(errors="replace").replace("\0", " ")
     except (OSError, ValueError):
       continue
-    uid = int(fields.get("Uid", "0").split()[0])
-    if uid >= 100_000 and not fields.get("State", "").strip().startswith("Z"):
-      found.append((int(d), uid, fields.get("Name", "").strip()))
-  return found
+    parent[int(d)] = int(fields.get("PPid", "0"))
+    procs[int(d)] = (int(fields.get("Uid", "0").split()[0]), fields.get("State", "").strip(),
+                     fields.get("Name", "").strip(), cmd)
+
+  def ours(pid):
+    while pid > 1:
+      pid = parent.get(pid, 0)
+      if pid == os.getpid():
+        return True
+    return False
+  return {p: v for p, v in procs.items() if ours(p)}
+
+
+def _program_processes():
+  """Live processes of the sandbox's per-program uids (>= 100000) that this test started."""
+  return [(p, uid, name) for p, (uid, state, name, _) in _our_processes().items()
+          if uid >= 100_000 and not state.startswith("Z")]
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
@@ -160,7 +177,8 @@ def test_red_team(name, warm, tmp_path, monkeypatch):
     server.accept()  # nothing connected from the sandbox
   server.close()
   # no sandboxed process outlives its verdict (programs run as fresh uids >= 100000)
-  leftover = subprocess.run(["pgrep", "-f", "sandbox/.harness.py"], capture_output=True, text=True).stdout.split()
+  leftover = [p for p, (_, state, _, cmd) in _our_processes().items()
+              if "sandbox/.harness.py" in cmd and not state.startswith("Z")]
   assert leftover == [], leftover
   assert _program_processes() == []
   assert code.run_tests(ADD, STDIN_TEST).passed  # the caller carries on
@@ -276,3 +294,56 @@ def test_apps_sandbox_loses_no_correct_program(shared_data):
   swapped = [(problems[(i + 1) % len(problems)], p["solutions"][0]) for i, p in enumerate(problems)]
   wrong, _, _ = verifiers.verify_batch(verifiers.AppsVerifier(case_timeout_s=2), swapped)
   assert wrong.sum() == 0
+
+
+NO_BWRAP_SCRIPT = """
+import sys, warnings
+sys.path.insert(0, sys.argv[1])
+from restem_jax import main, verifiers
+from restem_jax.verifiers import code, sandbox
+add, tests = sys.argv[2], {"inputs": ["1 2\\n", "3 4\\n"], "outputs": ["3\\n", "7\\n"]}
+print("problem:", sandbox.bwrap_problem())
+for what, call in [
+    ("run_tests", lambda: code.run_tests(add, tests)),
+    ("humaneval", lambda: code.run_humaneval("def f():\\n  return 1", "def check(c):\\n  assert c() == 1", "f")),
+    ("verify_batch", lambda: verifiers.verify_batch(verifiers.AppsVerifier(), [({"input_output": tests}, add)] * 3)),
+    ("main._task", lambda: main._task("humaneval", "", None)),
+]:
+  try:
+    call()
+    print(what, "ran")
+  except sandbox.SandboxUnavailableError as e:
+    print(what, "refused:", e)
+with warnings.catch_warnings(record=True) as w:
+  warnings.simplefilter("always")
+  print("opt-in apps", code.run_tests(add, tests, allow_unisolated=True).status)
+  print("opt-in limits", code.run_tests(add, tests, limits=sandbox.Limits(allow_unisolated=True)).status)
+  task = main._task("humaneval", "", None, allow_unisolated=True)
+  p = task.load("test")[0]
+  print("opt-in humaneval", task.verifier(p, p["solution"]).status)
+  net = "import socket\\ntry:\\n  socket.create_connection(('127.0.0.1', 9))\\n  print('open')\\nexcept OSError as e:\\n  print('blocked')"
+  print("opt-in network", code.run_tests(net, {"inputs": [""], "outputs": ["blocked"]}, allow_unisolated=True).status)
+  print("warned", any("allow_unisolated is set" in str(x.message) for x in w))
+"""
+
+
+def test_without_bubblewrap_untrusted_code_is_refused_unless_allowed(tmp_path, shared_data):
+  """bwrap not installed (a PATH without it): every way in refuses with a message that says
+  how to install it or opt in; Limits(allow_unisolated=True) (the verifiers' field, the
+  entry points' gin binding) runs programs with rlimits, sockets blocked and a warning."""
+  script = tmp_path / "no_bwrap.py"
+  script.write_text(NO_BWRAP_SCRIPT)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {"PATH": str(tmp_path), "RESTEM_DATA_DIR": shared_data, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, str(script), root, ADD], capture_output=True, text=True,
+                     timeout=300, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  assert "problem: bwrap is not installed (not on PATH)" in out, out
+  for what in ("run_tests", "humaneval", "verify_batch", "main._task"):
+    line = next(l for l in out.splitlines() if l.startswith(what + " "))
+    assert line.startswith(f"{what} refused: refusing to run model-written code"), line
+    assert "apt-get install bubblewrap" in line and "allow_unisolated_code=True" in line, line
+  for what in ("apps", "limits", "humaneval", "network"):
+    assert f"opt-in {what} passed" in out, out
+  assert "warned True" in out, out

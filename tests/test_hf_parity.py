@@ -7,7 +7,13 @@ import transformers
 import jax
 import jax.numpy as jnp
 
+from conftest import assert_close, assert_same_greedy
 from restem_jax import hf, model, partitioning, sampling
+
+# float32 logits of a 2-layer model from PyTorch's kernels and XLA's: ~20 sequential reductions of
+# <= 96 terms, each ~sqrt(96) eps of its scale, so 256 eps of the largest logit.  A wrong rotary
+# layout, bias or window moves logits by 1e-2 of their scale or more.
+PARITY_ULPS = 256
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -52,7 +58,7 @@ def test_logit_parity(tiny):
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
   ours, _ = model.apply(cfg, params, jnp.asarray(tokens))
-  assert np.max(np.abs(np.asarray(ours) - ref)) <= 1e-4
+  assert_close(ours, ref, PARITY_ULPS)
 
 
 def test_greedy_generation_matches(tiny):
@@ -61,11 +67,12 @@ def test_greedy_generation_matches(tiny):
   hf_model.generation_config.eos_token_id = None
   hf_model.generation_config.pad_token_id = 0
   with torch.no_grad():
-    ref = hf_model.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False,
-                            min_new_tokens=32).numpy()[0, 7:]
+    ref = hf_model.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                            output_logits=True, return_dict_in_generate=True)
   out = sampling.sample(cfg, params, [list(prompt[0])], sampling.SamplingConfig(max_new_tokens=32),
                         eos_id=-1, batch_size=1)
-  np.testing.assert_array_equal(out.tokens[0, 0], ref)
+  assert_same_greedy(out.tokens[0, 0], ref.sequences.numpy()[0, 7:], [x[0].numpy() for x in ref.logits],
+                     PARITY_ULPS)
 
 
 def test_loaded_directly_sharded(tiny, tmp_path):
@@ -82,7 +89,7 @@ def test_loaded_directly_sharded(tiny, tmp_path):
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
   ours, _ = model.apply(cfg, params, jnp.asarray(tokens))
-  assert np.max(np.abs(np.asarray(ours) - ref)) <= 1e-4
+  assert_close(ours, ref, PARITY_ULPS)
 
 
 def test_bad_config_is_named(tmp_path):
@@ -115,3 +122,24 @@ def test_hf_tokenizer_vocabulary(tmp_path):
   (tmp_path / "tokenizer_config.json").write_text(json_lib.dumps({"eos_token": "<nope>"}))
   with pytest.raises(ValueError, match="eos_token"):
     vocab.HFTokenizerVocabulary(str(tmp_path))
+
+
+def test_broken_safetensors_are_named(tiny, tmp_path):
+  """A truncated shard names the file and the tensor; a missing shard names the index and the file."""
+  _, hf_model, cfg, _ = tiny
+  hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+  shards = sorted(p for p in tmp_path.iterdir() if p.suffix == ".safetensors")
+  last = shards[-1]
+  data = last.read_bytes()
+  last.write_bytes(data[:len(data) - 100])
+  with pytest.raises(ValueError, match=rf"{last.name}: tensor '.*' lies at bytes .* past the end of the file"):
+    hf.load(str(tmp_path))
+  last.write_bytes(data[:5])
+  with pytest.raises(ValueError, match=rf"{last.name}: truncated safetensors file \(5 bytes"):
+    hf.load(str(tmp_path))
+  last.unlink()
+  with pytest.raises(FileNotFoundError, match=rf"model.safetensors.index.json: lists shard\(s\) \['{last.name}'\]"):
+    hf.load(str(tmp_path))
+  (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+  with pytest.raises(ValueError, match="model.safetensors.index.json: line 1: invalid JSON"):
+    hf.load(str(tmp_path))

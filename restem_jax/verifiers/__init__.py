@@ -55,11 +55,13 @@ class AppsVerifier:
   """Runs the completion against problem["input_output"] in the sandbox."""
   timeout_s: float | None = None  # default: case_timeout_s per case + 5 s
   case_timeout_s: float = 4.0
+  allow_unisolated: bool = False  # without bubblewrap: run with rlimits only (else refuse)
 
   def __call__(self, problem: dict, completion: str) -> Result:
     from restem_jax.verifiers import code
     v = code.run_tests(code.apps_prompt_program(completion), problem["input_output"],
-                       self.timeout_s, case_timeout_s=self.case_timeout_s)
+                       self.timeout_s, case_timeout_s=self.case_timeout_s,
+                       allow_unisolated=self.allow_unisolated)
     return Result(float(v.passed), v.status, f"{v.passed_cases}/{v.total_cases}")
 
 
@@ -67,18 +69,22 @@ class AppsVerifier:
 class HumanEvalVerifier:
   """Runs prompt + completion + the task's check() in the sandbox."""
   timeout_s: float = 10.0
+  allow_unisolated: bool = False  # without bubblewrap: run with rlimits only (else refuse)
 
   def __call__(self, problem: dict, completion: str) -> Result:
     from restem_jax.verifiers import code
     head = problem["problem"] if "problem" in problem else problem["prompt"]  # the signature + docstring
     v = code.run_humaneval(head + completion, problem["test"], problem["entry_point"],
-                           self.timeout_s)
+                           self.timeout_s, allow_unisolated=self.allow_unisolated)
     return Result(float(v.passed), v.status)
 
 
 def _safe(verifier: Verifier, problem: dict, completion: str) -> Result:
+  from restem_jax.verifiers import sandbox
   try:
     return verifier(problem, completion)
+  except sandbox.SandboxUnavailableError:
+    raise  # no isolation: stop the run, never score every program 0
   except Exception as e:  # noqa: BLE001 - a verifier bug must not lose the batch
     return Result(0.0, "verifier_error", f"{type(e).__name__}: {e}"[:300])
 

@@ -136,11 +136,14 @@ def _verdict_from(result: sandbox.RunResult, total: int, check) -> Verdict:
 
 
 def run_tests(program: str, tests, timeout_s: float | None = None, *, case_timeout_s: float = 4.0,
-              memory_mb: int = 1024, limits: sandbox.Limits | None = None) -> Verdict:
+              memory_mb: int = 1024, limits: sandbox.Limits | None = None,
+              allow_unisolated: bool = False) -> Verdict:
   """APPS tests {"inputs": [...], "outputs": [...], "fn_name"?: str} (dict or JSON string).
 
   All cases run in one sandboxed process, each under `case_timeout_s`; the
   whole run under `timeout_s` (default: case_timeout_s per case + 5 s).
+  Without bubblewrap this refuses (sandbox.SandboxUnavailableError) unless
+  `allow_unisolated`.
   """
   tests = _load(tests, "input_output")
   if not isinstance(tests, dict) or "inputs" not in tests or "outputs" not in tests:
@@ -151,7 +154,7 @@ def run_tests(program: str, tests, timeout_s: float | None = None, *, case_timeo
   if timeout_s is None:
     timeout_s = case_timeout_s * len(inputs) + 5.0
   limits = limits or sandbox.Limits(timeout_s=timeout_s, case_timeout_s=case_timeout_s,
-                                    memory_mb=memory_mb)
+                                    memory_mb=memory_mb, allow_unisolated=allow_unisolated)
   program = PRELUDE + program
   fn_name = tests.get("fn_name")
   if fn_name:
@@ -164,11 +167,12 @@ def run_tests(program: str, tests, timeout_s: float | None = None, *, case_timeo
 
 
 def run_humaneval(program: str, test: str, entry_point: str, timeout_s: float = 10.0,
-                  *, memory_mb: int = 1024) -> Verdict:
+                  *, memory_mb: int = 1024, allow_unisolated: bool = False) -> Verdict:
   """HumanEval: `program` (prompt + completion), then `test`, then check(entry_point)."""
   flag = "_restem_finished_" + secrets.token_hex(8)
   source = f"{program}\n\n{test}\n\ncheck({entry_point})\n{flag} = True\n"
-  limits = sandbox.Limits(timeout_s=timeout_s, case_timeout_s=timeout_s, memory_mb=memory_mb)
+  limits = sandbox.Limits(timeout_s=timeout_s, case_timeout_s=timeout_s, memory_mb=memory_mb,
+                          allow_unisolated=allow_unisolated)
   result = sandbox.run(dict(mode="script", program=source, inputs=[None], finish_flag=flag), limits)
   v = _verdict_from(result, 1, lambda i, out: True)
   if not v.passed and v.status == "runtime_error" and not v.detail:

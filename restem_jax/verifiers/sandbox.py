@@ -10,11 +10,15 @@ Isolation, strongest first:
     file size, number of processes (0: no fork), open files, no core dumps;
     wall-clock timeout after which the process group is SIGKILLed; stdout and
     stderr go to a size-capped file; per-test-case timers in the harness.
-Without a usable bwrap (not installed, or user namespaces disabled) the
-rlimits + scrubbed environment + temporary directory remain and sockets are
-disabled inside the harness; a warning says so.  Code never runs in the
-caller's process: the only thing that comes back is JSON on a pipe, and the
-caller compares outputs itself.
+Without a usable bwrap (not installed, or user namespaces disabled) nothing
+runs: `run` raises SandboxUnavailableError saying how to install it.  Only
+with `Limits(allow_unisolated=True)` (the verifiers' `allow_unisolated`, the
+entry points' `allow_unisolated_code` gin binding) does untrusted code run
+with the rlimits, a scrubbed environment, a temporary directory and sockets
+disabled inside the harness, the network and the user's files otherwise
+reachable; a warning says so.  Code never runs in the caller's process: the
+only thing that comes back is JSON on a pipe, and the caller compares outputs
+itself.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class Limits:
   max_tasks: int = 4  # processes + threads of the run (enforced when run under a fresh uid)
   site_packages: bool = True  # programs may import the base Python's packages (numpy, ...)
   warm: bool = True  # fork each program from a warm worker in a long-lived sandbox (needs root)
+  allow_unisolated: bool = False  # without a usable bwrap: run with rlimits only (else refuse)
 
 
 @dataclasses.dataclass
@@ -68,16 +73,46 @@ def _python() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def bwrap_available() -> bool:
+def bwrap_problem() -> str:
+  """Why bubblewrap cannot isolate programs here ("" when it can)."""
   exe = shutil.which("bwrap")
   if not exe:
-    return False
+    return "bwrap is not installed (not on PATH)"
   try:
     r = subprocess.run([exe, *_bwrap_base_args("/tmp"), "--", _python(), "-c", "print(1)"],
                        capture_output=True, timeout=20)
-    return r.returncode == 0 and r.stdout.strip() == b"1"
-  except (OSError, subprocess.TimeoutExpired):
-    return False
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"{exe} did not start a sandbox ({type(e).__name__}: {e})"
+  if r.returncode == 0 and r.stdout.strip() == b"1":
+    return ""
+  return f"{exe} failed (exit {r.returncode}: {r.stderr.decode(errors='replace').strip()[-300:]})"
+
+
+def bwrap_available() -> bool:
+  return not bwrap_problem()
+
+
+class SandboxUnavailableError(RuntimeError):
+  """No isolation for untrusted code here, and running without it was not allowed."""
+
+
+def require_isolation(allow_unisolated: bool = False) -> bool:
+  """True when bubblewrap isolates programs; False when it cannot and
+  `allow_unisolated` (with a warning); else raises SandboxUnavailableError."""
+  problem = bwrap_problem()
+  if not problem:
+    return True
+  if not allow_unisolated:
+    raise SandboxUnavailableError(
+        f"refusing to run model-written code: {problem}, and without bubblewrap the sandbox "
+        "cannot keep the network or your files from it. Install bubblewrap (`apt-get install "
+        "bubblewrap`, or `make sandbox` as root; user namespaces must be enabled), or accept "
+        "weaker isolation (rlimits, a scrubbed environment, a temporary directory) with "
+        "sandbox.Limits(allow_unisolated=True), AppsVerifier/HumanEvalVerifier(allow_unisolated=True), "
+        "or the gin binding --gin.restem_main.allow_unisolated_code=True (eval_main, reward_main, "
+        "best_of_n_main alike).")
+  _warn_fallback(problem)
+  return False
 
 
 # numerical libraries must not start a thread per core (the run may have 4 tasks)
@@ -180,13 +215,14 @@ def check_imports(modules: tuple = PROBE_MODULES) -> tuple:
 _warned = False
 
 
-def _warn_fallback():
+def _warn_fallback(problem: str):
   global _warned
   if not _warned:
     _warned = True
-    msg = ("bubblewrap (bwrap) is not usable here: untrusted code runs with rlimits, a "
-           "scrubbed environment and a temporary directory only (no namespaces; sockets are "
-           "disabled in-process). Install the 'bubblewrap' package for full isolation.")
+    msg = (f"bubblewrap is not usable here ({problem}) and allow_unisolated is set: untrusted code "
+           "runs with rlimits, a scrubbed environment and a temporary directory only (no "
+           "namespaces; sockets are disabled in-process). Install the 'bubblewrap' package for "
+           "full isolation.")
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     logging.warning(msg)
 
@@ -198,10 +234,8 @@ def run(spec: dict, limits: Limits = Limits()) -> RunResult:
   sandbox forks a fresh child per program (_zygote.py: new uid, rlimits, empty
   directory, killed with everything it started, /tmp emptied); else a fresh
   sandbox per program.  Both run the same harness under the same limits."""
-  isolated = bwrap_available()
-  if not isolated:
-    _warn_fallback()
-  elif limits.site_packages:
+  isolated = require_isolation(limits.allow_unisolated)
+  if isolated and limits.site_packages:
     check_imports()
   if isolated and limits.warm and os.geteuid() == 0:
     return _run_warm(spec, limits)
