@@ -26,6 +26,7 @@ DATA = [  # seqio tasks; the model, sampler and trainer import without these
 REPORT = ["pandas>=2.2", "matplotlib>=3.8", "tensorboardX>=2.6"]
 TEST = [
     "pytest>=8",
+    "pytest-xdist>=3.5",  # the suite on all (at most 4) cores
     "scipy>=1.11",
     "torch==2.13.0",  # CPU build; parity tests and benchmarks only
     "transformers>=4.45",

@@ -6,9 +6,58 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the session, shared by the subprocess runs
+# (the tiny ReST^EM / reward runs compile the same programs again and again):
+# an executable loaded from it is the one XLA compiled, so no result changes.
+# Fresh per session (nothing stale from another jax version), removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="restem_jax_test_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def assert_close(actual, desired, ulps: float, dtype=np.float32, err_msg: str = ""):
+  """`actual` equals `desired` up to rounding, both computed in `dtype` along
+  different paths (summation order, fusion, sharding, another library).
+
+  The allowed error is `ulps` units of the dtype's machine epsilon, relative to
+  each value, plus a floor of the same size relative to the largest |desired|:
+  rounding errors of a sum scale with the terms summed, so an entry that
+  cancels to near 0 gets the array's scale, not its own.  Each caller states
+  why its `ulps` fits the computation; none comes from what passed on one
+  machine (XLA picks its CPU kernels per machine)."""
+  eps = float(np.finfo(dtype).eps) * ulps
+  desired = np.asarray(desired, np.float64)
+  scale = float(np.max(np.abs(desired[np.isfinite(desired)]), initial=0.0))
+  np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=eps, atol=eps * scale,
+                             err_msg=err_msg)
+
+
+def assert_same_greedy(got, want, want_logits, ulps: float, dtype=np.float32):
+  """Greedy tokens `got` equal the reference's `want` (whose logits at each step are
+  want_logits[t]).  They may part only at a tie: where the reference's best logit and
+  the logit of the token we chose are within `ulps` eps of the step's largest |logit|
+  (rounding may break such a tie either way); after that the two follow different
+  prefixes and are not compared."""
+  got, want = [int(x) for x in got], [int(x) for x in want]
+  assert len(got) == len(want), (len(got), len(want))
+  for t, (a, b) in enumerate(zip(got, want)):
+    if a != b:
+      row = np.asarray(want_logits[t], np.float64)
+      tol = float(np.finfo(dtype).eps) * ulps * np.max(np.abs(row))
+      assert row[b] - row[a] <= tol, (f"token {t}: {a} instead of {b}, whose logit is higher by "
+                                      f"{row[b] - row[a]:.3g} (> {tol:.3g}: not a tie)")
+      return
+
 
 SHARED_DATA = os.environ.get(
     "RESTEM_DATA_DIR",

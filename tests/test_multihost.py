@@ -22,13 +22,17 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 
+EPS32 = float(np.finfo(np.float32).eps)
+
+# with test_restem on one pytest-xdist worker: both use the session's tiny run
+pytestmark = pytest.mark.xdist_group("tiny_run")
 LAUNCH = os.path.join(ROOT, "scripts", "local_multihost.sh")
 TINY = os.path.join(ROOT, "gin", "restem_arith_tiny.gin")
 
 
 def _bindings(run_dir, base):
   return [f"--gin.RUN_DIR='{run_dir}'", f"--gin.RestemConfig.base_checkpoint='{base}'",
-          "--gin.mstep/TrainConfig.checkpoint_every=1"]
+          "--gin.mstep/TrainConfig.checkpoint_every=4"]  # saves mid-M-step to resume from
 
 
 def _launch(run_dir, base, **kw):
@@ -107,7 +111,9 @@ def test_two_processes_give_the_one_process_summary(base, one_process, tmp_path)
       [(r["stage"], r.get("step"), sorted(r)) for r in want]
   for a, b in zip(got, want):
     for k in set(a) - {"time", "steps_per_s"}:
-      want_k = pytest.approx(b[k], rel=1e-4, abs=1e-6) if isinstance(b[k], float) else b[k]
+      # float32 losses / norms: gloo sums the 8 partial gradients in another order, and the
+      # M-step's few Adam steps carry that on: 1024 eps of the value (1e-6 for one that is ~0)
+      want_k = pytest.approx(b[k], rel=1024 * EPS32, abs=1e-6) if isinstance(b[k], float) else b[k]
       assert a[k] == want_k, (a["stage"], k)
   with open(os.path.join(run_dir, "iter_1", "kept.jsonl")) as f, \
       open(os.path.join(one_process, "iter_1", "kept.jsonl")) as g:
