@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -199,11 +200,15 @@ def base_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_
 
 
 def _register_kept(name: str, path: str, vocab) -> str | None:
-  """The kept set as a seqio Task, where seqio is installed (the loop does not need it)."""
+  """The kept set's seqio Task name, where seqio is installed (the loop does not need it).
+  It is registered here when the caller already works with seqio (it is imported);
+  otherwise no TensorFlow is loaded for it, and `tasks.seqio_tasks.register_run(run_dir)`
+  registers a run's kept sets under these names in any process."""
   if importlib.util.find_spec("seqio") is None:
     return None
-  from tasks import seqio_tasks
-  seqio_tasks.register_kept(name, path, vocab)
+  if "seqio" in sys.modules:
+    from tasks import seqio_tasks
+    seqio_tasks.register_kept(name, path, vocab)
   return name
 
 

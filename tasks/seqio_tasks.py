@@ -7,10 +7,14 @@ Each task yields `inputs` (the prompt) and `targets` (the reference solution),
 tokenised with the vocabulary it was registered with; its `metric_fns` score
 decoded predictions with the task's own verifier, so `seqio.Evaluator` works
 as it is.  Each ReST^EM iteration's kept samples are a Task too
-(`register_kept`), holding the sampled token ids themselves, so
-`seqio.PrefixLMFeatureConverter` gives exactly the examples the M-step trains on.
+(`register_kept`; all of a run's: `register_run(run_dir)`), holding the sampled
+token ids themselves, so `seqio.PrefixLMFeatureConverter` gives exactly the
+examples the M-step trains on.
 """
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import seqio
@@ -123,6 +127,21 @@ def register_kept(name: str, path: str, vocab=None) -> seqio.Task:
   return seqio.TaskRegistry.add(
       name, source=seqio.FunctionDataSource(dataset_fn, splits=("train",)),
       preprocessors=[seqio.preprocessors.append_eos_after_trim], output_features=_features(vocab))
+
+
+def register_run(run_dir: str, vocab=None) -> list[str]:
+  """Registers the kept sets of a ReST^EM run directory under the names its log
+  gives them (`metrics.jsonl` rows with `seqio_task`, e.g. `arith_restem_iter1`,
+  each the stage's `kept.jsonl`); returns the names."""
+  names = {}
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if row.get("seqio_task"):
+        names[row["seqio_task"]] = os.path.join(run_dir, row["stage"], "kept.jsonl")
+  for name, path in names.items():
+    register_kept(name, path, vocab)
+  return list(names)
 
 
 for _task in tasks_lib.TASKS.values():

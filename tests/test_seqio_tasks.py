@@ -64,3 +64,20 @@ def test_evaluator_scores_predictions_with_the_verifier():
   right = [f"#### {r['answer']}" for r in rows]
   assert evaluate(right) == 100.0
   assert evaluate(right[:6] + [f"#### {int(r['answer']) + 1}" for r in rows[6:]]) == 50.0
+
+
+def test_register_run_registers_a_runs_kept_sets(tmp_path):
+  """A run's kept sets from another process: the names in its log, the rows of its kept.jsonl."""
+  for i in (1, 2):
+    (tmp_path / f"iter_{i}").mkdir()
+    rows = [dict(id=f"arith/pool/{j}", prompt="1+2=", completion="#### 3", prompt_ids=[52, 46, 53, 64],
+                 completion_ids=[38, 38, 38, 38, 35, 54][:6 - j], reward=1.0) for j in range(i + 1)]
+    (tmp_path / f"iter_{i}" / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  log = [{"stage": "sft", "time": 1.0}, {"stage": "iter_1", "kept_samples": 2, "seqio_task": "arith_restem_iter1"},
+         {"stage": "iter_2", "kept_samples": 3, "seqio_task": "arith_restem_iter2"}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+  assert seqio_tasks.register_run(str(tmp_path)) == ["arith_restem_iter1", "arith_restem_iter2"]
+  ds = seqio.get_mixture_or_task("arith_restem_iter2").get_dataset(
+      split="train", sequence_length={"inputs": 8, "targets": 8}, shuffle=False)
+  got = [ex["targets"].tolist() for ex in ds.as_numpy_iterator()]
+  assert got == [[38, 38, 38, 38, 35, 54, 1], [38, 38, 38, 38, 35, 1], [38, 38, 38, 38, 1]]
