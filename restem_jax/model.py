@@ -106,13 +106,17 @@ def rope(x_BxLxNxE: Array, positions_BxL: Array, theta: float) -> Array:
 
 
 def attention_mask(q_index_L: Array, kv_mask_BxS: Array,
-                   sliding_window: int | None) -> Array:
-  """[B, L, S] boolean: causal (in cache coordinates) and real keys only."""
+                   sliding_window: int | None, segment_ids_BxL: Array | None = None) -> Array:
+  """[B, L, S] boolean: causal (in cache coordinates) and real keys only; with
+  segment ids (packed rows, no cache) a query sees only its own segment."""
   k_index_S = jnp.arange(kv_mask_BxS.shape[1])
   causal_LxS = k_index_S[None, :] <= q_index_L[:, None]
   if sliding_window:
     causal_LxS &= q_index_L[:, None] - k_index_S[None, :] < sliding_window
-  return causal_LxS[None] & kv_mask_BxS[:, None, :].astype(bool)
+  mask_BxLxS = causal_LxS[None] & kv_mask_BxS[:, None, :].astype(bool)
+  if segment_ids_BxL is not None:
+    mask_BxLxS &= segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return mask_BxLxS
 
 
 def _attend_with_prefix(q_BxKxGLxE, s_BxKxGxLxS, v_BxKxSxE, mask_BxLxS, prefix, dt):
@@ -244,10 +248,15 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, kv_mask_BxS=None,
                cache: Cache | None = None, cache_index: Any = 0, prefix: Cache | None = None,
-               return_hidden: bool = False, last_only: bool = False):
+               return_hidden: bool = False, last_only: bool = False, segment_ids_BxL=None,
+               ring: bool = False):
     """`return_hidden`: the final normalised hidden states [B, L, D] instead of
     logits (reward models put their own head on them); `last_only`: logits of
-    the last position only, [B, 1, V] (a prefill needs no more)."""
+    the last position only, [B, 1, V] (a prefill needs no more);
+    `segment_ids_BxL` (packed rows, with their `positions_BxL` restarting at
+    each segment; no cache): attention stays within each segment.  `ring`: the
+    cache is a ring buffer whose rows started at different steps (the sampler's
+    refill); `kv_mask_BxS` alone says which slots a one-token step sees."""
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -256,8 +265,18 @@ class Decoder(nn.Module):
       kv_mask_BxS = jnp.ones((b, l if cache is None else cache[0]["v"].shape[2]), bool)
     if prefix is not None and (cache is None or b % prefix[0]["k"].shape[0]):
       raise ValueError("a shared prefix needs a cache and a batch that is a multiple of its rows")
-    q_index_L = cache_index + jnp.arange(l)
-    mask_BxLxS = attention_mask(q_index_L, kv_mask_BxS, cfg.sliding_window)
+    if segment_ids_BxL is not None and cache is not None:
+      raise ValueError("segment ids (packed rows) are for training: no cache")
+    if ring:
+      if cache is None or l != 1 or prefix is not None:
+        raise ValueError("a ring cache takes one token per row, without a shared prefix")
+      if cfg.sliding_window and kv_mask_BxS.shape[1] > cfg.sliding_window:
+        raise ValueError(f"a ring cache of {kv_mask_BxS.shape[1]} slots is wider than the "
+                         f"sliding window {cfg.sliding_window}")
+      mask_BxLxS = kv_mask_BxS[:, None, :].astype(bool)
+    else:
+      q_index_L = cache_index + jnp.arange(l)
+      mask_BxLxS = attention_mask(q_index_L, kv_mask_BxS, cfg.sliding_window, segment_ids_BxL)
 
     embed_VxD = _param(self, "embed", ("vocab", "embed"), (cfg.vocab_size, cfg.d_model))
     x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(jnp.dtype(cfg.dtype))

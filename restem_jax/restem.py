@@ -145,6 +145,7 @@ def m_step(engine: evaluation.Engine, tc: training.TrainConfig, data: dict, stag
   """Fine-tunes from init_params (resumable); epochs > 0 sets the step count from the data size.
   Returns (best params by `validate`, best score)."""
   from tqdm.auto import tqdm
+  data = training.prepare(data, tc)  # packed rows: an epoch counts rows
   if epochs > 0:
     steps = int(np.ceil(epochs * len(data["reward"]) / tc.batch_size))
     tc = dataclasses.replace(tc, total_steps=max(steps, tc.warmup_steps + 1),

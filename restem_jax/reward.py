@@ -23,6 +23,7 @@ Training batch (numpy, for `training.train`):
   labels      [B, L] int32  class at labelled positions
   label_mask  [B, L] int32  1 where a label is trained
   reward      [B]    float  example weight (1.0)
+`training.train` packs these several to a row by default (`training.pack_rows`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from restem_jax import multihost
+from restem_jax import multihost, training
 from restem_jax import model as model_lib
 
 NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
@@ -65,9 +66,10 @@ def from_decoder(cfg: model_lib.ModelConfig, decoder_params, rng=None):
                                                "bias": jnp.zeros((3,), jnp.dtype(cfg.param_dtype))}}
 
 
-def apply(cfg: model_lib.ModelConfig, params, tokens_BxL) -> jax.Array:
-  """Class logits [B, L, 3] (float32) at every position."""
-  h_BxLxD, _ = model_lib.apply(cfg, params["decoder"], tokens_BxL, return_hidden=True)
+def apply(cfg: model_lib.ModelConfig, params, tokens_BxL, **kw) -> jax.Array:
+  """Class logits [B, L, 3] (float32) at every position (`kw`: packed rows'
+  `segment_ids_BxL` and `positions_BxL`)."""
+  h_BxLxD, _ = model_lib.apply(cfg, params["decoder"], tokens_BxL, return_hidden=True, **kw)
   head = params["head"]
   return (jnp.einsum("bld,dc->blc", h_BxLxD.astype(jnp.float32), head["kernel"].astype(jnp.float32))
           + head["bias"].astype(jnp.float32))
@@ -77,8 +79,8 @@ def loss(cfg: model_lib.ModelConfig):
   """Cross-entropy at labelled positions, as `training.train` wants it:
   (sum, weight, {"accuracy": sum})."""
   def loss_fn(params, batch):
-    logits_BxLxC = apply(cfg, params, batch["tokens"])
-    w_BxL = batch["label_mask"].astype(jnp.float32) * batch["reward"][:, None]
+    logits_BxLxC = apply(cfg, params, batch["tokens"], **training.segments(batch))
+    w_BxL = batch["label_mask"].astype(jnp.float32) * training.token_rewards(batch)
     logp = jax.nn.log_softmax(logits_BxLxC)
     nll_BxL = -jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0]
     right_BxL = jnp.argmax(logits_BxLxC, -1) == batch["labels"]

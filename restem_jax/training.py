@@ -12,6 +12,15 @@ Loss (reward-weighted NLL, per-token mean over weighted tokens):
 over the whole optimizer batch (all accumulation micro-batches together).
 Examples with r = 0 add nothing to numerator or denominator: no gradient.
 With binary rewards this is the ordinary token-mean NLL on the kept samples.
+
+Packing (`TrainConfig.pack`, on by default; `pack_rows`): before training the
+examples are packed several to a row of the same width (best-fit decreasing),
+as t5x/seqio and MaxText do.  A packed set adds
+  segment_ids [B, L] int32  1, 2, .. per example in the row; 0 on padding
+  positions   [B, L] int32  each example's own positions, from 0
+and its `reward` is per token, [B, L].  Attention stays within a segment and
+every mask keeps its own segment's positions, so each example's loss and
+gradient are what they are unpacked; `batch_size` then counts rows.
 `train` takes any loss of the same form, `loss_fn(params, batch) -> (sum,
 weight, {name: sum})`, and any `init_fn`, so reward models reuse the same
 sharded step, accumulation, checkpoints, resume and keep-best.
@@ -56,6 +65,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   log_every: int = 20
   seed: int = 0
+  pack: bool = True  # several examples per row (`pack_rows`); batch_size counts rows
 
 
 @flax.struct.dataclass
@@ -93,14 +103,31 @@ def nll_loss(cfg: model_lib.ModelConfig) -> LossFn:
   count of tokens the model predicts right (reported as `accuracy`)."""
   def loss_fn(params, batch):
     tokens = batch["tokens"]
-    logits_BxLxV, _ = model_lib.apply(cfg, params, tokens[:, :-1])
+    logits_BxLxV, _ = model_lib.apply(cfg, params, tokens[:, :-1], **segments(batch, inputs=True))
     targets_BxL = tokens[:, 1:]
-    w_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["reward"][:, None]
+    w_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * token_rewards(batch)[:, 1:]
+    if "segment_ids" in batch:  # no target from the next example in the row
+      w_BxL *= batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
     logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
     nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)[..., 0]
     correct_BxL = (jnp.argmax(logits_BxLxV, -1) == targets_BxL) & (w_BxL > 0)
     return jnp.sum(nll_BxL * w_BxL), jnp.sum(w_BxL), {"accuracy": jnp.sum(correct_BxL * w_BxL)}
   return loss_fn
+
+
+def segments(batch, inputs: bool = False) -> dict:
+  """The decoder's packing arguments of a batch ({} unpacked); `inputs`: of
+  tokens[:, :-1] (a next-token loss's inputs)."""
+  if "segment_ids" not in batch:
+    return {}
+  cut = (lambda x: x[:, :-1]) if inputs else (lambda x: x)
+  return dict(segment_ids_BxL=cut(batch["segment_ids"]), positions_BxL=cut(batch["positions"]))
+
+
+def token_rewards(batch):
+  """Rewards per token [B, L] (packed sets carry them so; unpacked: per row)."""
+  r = batch["reward"].astype(jnp.float32)
+  return r if r.ndim == 2 else jnp.broadcast_to(r[:, None], batch["tokens"].shape)
 
 
 def train_step(state: TrainState, batch, *, loss_fn: LossFn, tc: TrainConfig, rules):
@@ -232,6 +259,80 @@ def pack_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
               reward=np.asarray(kept_rewards, np.float32))
 
 
+def example_lengths(data: dict) -> np.ndarray:
+  """Tokens each example needs: through its last position with weight in any
+  mask (`*mask` keys); later tokens cannot reach the loss (causal attention)."""
+  masks = [np.asarray(v) != 0 for k, v in data.items() if k.endswith("mask") and np.ndim(v) == 2]
+  if not masks:
+    raise ValueError(f"a training set needs a `*mask` key to pack (keys: {sorted(data)})")
+  any_BxL = np.logical_or.reduce(masks)
+  last = any_BxL.shape[1] - np.argmax(any_BxL[:, ::-1], axis=1)
+  return np.where(any_BxL.any(1), last, 0)
+
+
+def pack_rows(data: dict) -> dict:
+  """A training set of one example per row -> rows of the same width holding
+  several examples each (best-fit decreasing: ~95% real tokens on GSM8K chat
+  examples at 448, against ~50% one per row).
+
+  Per-token keys ([N, L]) are moved with their examples; per-example keys ([N],
+  the reward) become per token.  Adds `segment_ids` and `positions` (see the
+  module docstring).  Examples without any weighted position are dropped (they
+  add nothing to a loss).  Deterministic: every host packs the same rows.
+  """
+  import bisect
+  if "segment_ids" in data:
+    return data
+  n, width = data["tokens"].shape
+  lengths = example_lengths(data)
+  rows, room = [], []  # rows' example lists; (room left, row) sorted
+  for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+    if lengths[i] == 0:
+      continue
+    j = bisect.bisect_left(room, (int(lengths[i]), -1))
+    if j < len(room):
+      left, r = room.pop(j)
+    else:
+      left, r = width, len(rows)
+      rows.append([])
+    rows[r].append(i)
+    bisect.insort(room, (left - int(lengths[i]), r))
+  out = {k: np.zeros((len(rows), width), np.asarray(v).dtype) for k, v in data.items()}
+  out["reward"] = np.zeros((len(rows), width), np.float32)
+  out["segment_ids"] = np.zeros((len(rows), width), np.int32)
+  out["positions"] = np.zeros((len(rows), width), np.int32)
+  for r, members in enumerate(rows):
+    at = 0
+    for s, i in enumerate(members, 1):
+      m = int(lengths[i])
+      for k, v in data.items():
+        if np.ndim(v) == 2:
+          out[k][r, at:at + m] = v[i, :m]
+        else:
+          out[k][r, at:at + m] = v[i]
+      out["segment_ids"][r, at:at + m] = s
+      out["positions"][r, at:at + m] = np.arange(m)
+      at += m
+  return out
+
+
+def prepare(data: dict, tc: TrainConfig) -> dict:
+  """The set `train` trains on: packed (`pack_rows`) when `tc.pack`."""
+  if not tc.pack or "segment_ids" in data or not len(data["tokens"]):
+    return data
+  packed = pack_rows(data)
+  logging.info("packed %d examples into %d rows of %d (%.1f%% real tokens, %.1f%% one per row)",
+               len(data["tokens"]), len(packed["tokens"]), packed["tokens"].shape[1],
+               100 * useful_fraction(packed), 100 * useful_fraction(data))
+  return packed
+
+
+def useful_fraction(data: dict) -> float:
+  """Real (not padding) tokens over all the set's token slots."""
+  real = (data["segment_ids"] > 0).sum() if "segment_ids" in data else example_lengths(data).sum()
+  return float(real / max(1, data["tokens"].size))
+
+
 def state_items(state: TrainState) -> dict:
   """The state as checkpoint items: `params` alone can be restored for evaluation."""
   return {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state}}
@@ -258,6 +359,7 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: Loss
   shards of its own devices.
   """
   loss_fn = loss_fn or nll_loss(cfg)
+  data = prepare(data, tc)
   init_fn = init_fn or functools.partial(model_lib.init_params, cfg)
   if tc.batch_size % tc.grad_accum:
     raise ValueError(f"TrainConfig: batch_size {tc.batch_size} is not divisible by "

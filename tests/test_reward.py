@@ -113,6 +113,37 @@ def test_reward_model_head_and_loss_shapes():
   assert_close(a[0, :5], b[0, :5], 4)
 
 
+def test_packed_reward_model_losses_equal_unpacked():
+  """ORM labels on every completion token and PRM labels on steps' last tokens (cut
+  after the first negative): the same loss sums and gradients packed several to a row."""
+  from restem_jax import training
+  cfg = model.ModelConfig(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=64)
+  params = nn.unbox(reward.init_params(cfg, jax.random.key(0)))
+  rng = np.random.RandomState(0)
+  examples = []
+  for i in range(10):
+    prompt = list(rng.randint(3, 250, rng.randint(2, 6)))
+    comp = list(rng.randint(3, 250, rng.randint(3, 16)))
+    if i % 2:
+      examples.append(reward.orm_example(prompt, comp, bool(i % 4 == 1)))
+    else:
+      ends = sorted(rng.choice(np.arange(1, len(comp) + 1), 3, replace=False))
+      spans = [(0, int(e)) for e in ends]
+      examples.append(reward.prm_example(prompt, comp, list(range(1, len(comp) + 1)), spans,
+                                         list(rng.choice([NEGATIVE, 1, POSITIVE], 3))))
+  data = reward.pack(examples, 24)
+  packed = training.pack_rows(data)
+  assert len(packed["tokens"]) < len(data["tokens"])
+  fn = reward.loss(cfg)
+  sums = jax.jit(lambda p, b: fn(p, b)[:2])
+  grad = jax.jit(jax.grad(lambda p, b: fn(p, b)[0]))
+  # float32, the same per-position terms summed in another order with other numbers of
+  # exactly-masked keys (see test_training.test_packed_loss_and_gradients_equal_unpacked)
+  assert_close(sums(params, packed), sums(params, data), 64)
+  assert float(sums(params, data)[1]) == data["label_mask"].sum()
+  jax.tree.map(lambda a, b: assert_close(a, b, 64), grad(params, packed), grad(params, data))
+
+
 def _brute_force(correct, answers, scores, n):
   """Independent reference: every subset, explicit tie handling."""
   m = len(correct)

@@ -188,3 +188,89 @@ def test_train_takes_any_loss_and_init(tmp_path):
   assert set(params) == {"lm", "head"} and "abs_err" in history[-1]
   assert history[0]["loss"] > 0.2 and history[-1]["loss"] < 0.05, (history[0], history[-1])
   assert state.params["head"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+
+
+def _variable_examples(n=12, width=32, seed=3):
+  """Examples of different lengths (prompt 2..7, completion 1..14 tokens, + EOS) and rewards."""
+  rng = np.random.RandomState(seed)
+  prompts = [list(rng.randint(3, 61, rng.randint(2, 8))) for _ in range(n)]
+  comps = [list(rng.randint(3, 61, rng.randint(1, 15))) for _ in range(n)]
+  rewards = rng.choice([0.0, 0.5, 1.0, 2.0], n)
+  return training.pack_examples(prompts, comps, rewards, 1, width)
+
+
+def test_pack_rows_keeps_every_example_once_in_fewer_rows():
+  data = _variable_examples()
+  packed = training.pack_rows(data)
+  lengths = training.example_lengths(data)
+  assert len(packed["tokens"]) < len(data["tokens"]) and packed["tokens"].shape[1] == 32
+  assert training.useful_fraction(packed) > training.useful_fraction(data)
+  seen = []
+  for r in range(len(packed["tokens"])):
+    seg = packed["segment_ids"][r]
+    real = np.count_nonzero(seg)
+    assert (seg[:real] > 0).all() and not seg[real:].any()  # padding only at the end
+    assert (np.diff(seg[:real]) >= 0).all() and seg[0] == 1
+    for s in range(1, seg.max() + 1):
+      at = np.nonzero(seg == s)[0]
+      assert (np.diff(at) == 1).all()  # contiguous, positions restart at 0
+      np.testing.assert_array_equal(packed["positions"][r, at], np.arange(len(at)))
+      seen.append((tuple(packed["tokens"][r, at]), tuple(packed["loss_mask"][r, at]),
+                   float(packed["reward"][r, at[0]])))
+      assert (packed["reward"][r, at] == packed["reward"][r, at[0]]).all()
+  want = [(tuple(data["tokens"][i, :n]), tuple(data["loss_mask"][i, :n]), float(data["reward"][i]))
+          for i, n in enumerate(lengths)]
+  assert sorted(seen) == sorted(want)
+
+
+def test_packed_loss_and_gradients_equal_unpacked():
+  """Per example and in total: the same loss sums, weights and gradients packed or not."""
+  data = _variable_examples()
+  packed = training.pack_rows(data)
+  params = nn.unbox(INIT(jax.random.key(1)))
+  grad = jax.jit(jax.grad(lambda p, b: NLL(p, b)[0]))
+  sums = jax.jit(lambda p, b: NLL(p, b)[:2])
+  lengths = training.example_lengths(data)
+  # float32 forward and backward of a 2-layer model: the same per-token terms, padded
+  # differently and summed in another order (<= 12 x 32 terms, ~sqrt(n) eps each) plus
+  # attention softmaxes over other numbers of masked keys (exact zeros): 64 eps of the scale.
+  for i in range(len(lengths)):  # one example at a time: the others carry reward 0
+    one = dict(data, reward=np.where(np.arange(len(lengths)) == i, data["reward"], 0).astype(np.float32))
+    p_one = dict(packed, reward=np.zeros_like(packed["reward"]))
+    p_one["reward"][_segment_of(packed, data, i)] = data["reward"][i]
+    assert_close(sums(params, p_one), sums(params, one), 64, err_msg=f"example {i}")
+    if data["reward"][i] > 0:
+      jax.tree.map(lambda a, b: assert_close(a, b, 64, err_msg=f"example {i}"),
+                   grad(params, p_one), grad(params, one))
+  total_p, total_u = sums(params, packed), sums(params, data)
+  assert_close(total_p, total_u, 64)
+  assert total_u[1] == float(np.sum(data["loss_mask"] * data["reward"][:, None]))
+  jax.tree.map(lambda a, b: assert_close(a, b, 64), grad(params, packed), grad(params, data))
+
+
+def _segment_of(packed, data, i):
+  """Mask of packed positions holding example i (found by its tokens and mask)."""
+  n = training.example_lengths(data)[i]
+  want = np.stack([data["tokens"][i, :n], data["loss_mask"][i, :n]])
+  for r, seg in enumerate(packed["segment_ids"]):
+    for s in range(1, seg.max() + 1):
+      at = np.nonzero(seg == s)[0]
+      got = np.stack([packed["tokens"][r, at], packed["loss_mask"][r, at]])
+      if got.shape == want.shape and (got == want).all():
+        m = np.zeros(packed["segment_ids"].shape, bool)
+        m[r, at] = True
+        return m
+  raise AssertionError(f"example {i} is not in the packed rows")
+
+
+def test_train_packs_by_default_and_can_be_told_not_to(tmp_path):
+  data = _variable_examples(24)
+  mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  seen = {}
+  for pack in (True, False):
+    tc = training.TrainConfig(batch_size=4, total_steps=2, warmup_steps=1, pack=pack)
+    rows = training.prepare(data, tc)
+    seen[pack] = len(rows["tokens"])
+    _, _, state = training.train(CFG, tc, data, str(tmp_path / str(pack)), mesh)
+    assert int(state.step) == 2
+  assert seen[False] == 24 and seen[True] < 24
