@@ -3,12 +3,19 @@
 1. Same random ~20M-parameter Llama weights (created with transformers, imported
    with restem_jax.hf), same 32 prompts x 4 samples, 64 new tokens, temperature
    0.7, top-k 40, no EOS (every row generates all 64 tokens).
-2. The real model at an E-step shape: SmolLM2-135M-Instruct (GGUF, the same
-   de-quantised weights in both), 32 GSM8K test prompts in its chat template x 8
-   samples (256 rows), 128 new tokens, T=0.7, top-k 40, stopping at EOS. Useful
-   tokens (up to and including EOS) per second of each, their ratio, and the
-   fraction of the compute roofline: 2 x params x useful tokens / the float32
-   matmul peak measured in this run, over the wall time.
+2. The real model: SmolLM2-135M-Instruct (its GGUF de-quantised once into a Hugging
+   Face folder: the same dense weights on both sides), GSM8K test prompts in its
+   chat template x 8 samples, T=0.7, top-k 40, stopping at EOS.  Two shapes:
+   "fixed", 32 prompts in one call of 256 rows, <= 128 new tokens (today's shape:
+   most rows run to the cap); "estep", 32 prompts, <= 256 new tokens (variable
+   lengths: rows end at EOS from ~60 to 256 tokens), 16 prompts (128 rows) per
+   call or per pool, so that a pool is refilled once over.  Ours with refill off
+   (fixed batches, shared prompt prefix) and, at the estep shape, on (continuous
+   batching), in useful tokens (up to and including EOS) per second and
+   useful-slot fraction (useful over computed token slots); at the estep shape also
+   transformers `generate` in bfloat16 (the fastest on a CPU with AMX) and float32,
+   and the fraction of the compute roofline (2 x params x useful tokens/s over the
+   matmul peaks measured in this run, float32 and the fastest dtype).
 Usage: python benchmarks/sampler.py [--prompts 32] [--samples 4] [--new 64] [--size 20m|1b] [--skip_real]
 """
 import argparse
@@ -19,6 +26,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -37,6 +45,11 @@ def main():
   ap.add_argument("--real_prompts", type=int, default=32)
   ap.add_argument("--real_samples", type=int, default=8)
   ap.add_argument("--real_new", type=int, default=128)
+  ap.add_argument("--real_batch", type=int, default=32, help="prompts per sampler call (fixed shape)")
+  ap.add_argument("--estep_batch", type=int, default=16,
+                  help="estep shape: prompts per call (refill off) / per pool (on): 2 pool loads")
+  ap.add_argument("--estep_prompts", type=int, default=32)
+  ap.add_argument("--estep_new", type=int, default=256)
   args = ap.parse_args()
   import torch
   import transformers
@@ -93,36 +106,23 @@ def main():
   print(json.dumps(result))
 
 
-def real_model(args) -> dict:
-  """SmolLM2-135M-Instruct on GSM8K chat prompts: ours vs generate, and the roofline."""
+def matmul_peaks() -> dict:
+  """GFLOP/s of a 2048^3 matmul: jax (XLA) and torch, float32 and bfloat16 (best of 5)."""
+  import torch
+  from benchmarks.train_step import matmul_peak
+  out = {f"jax_{d}": max(matmul_peak(jnp.dtype(d), 2048) for _ in range(2)) / 1e9
+         for d in ("float32", "bfloat16")}
+  for d in ("float32", "bfloat16"):
+    a = torch.ones((2048, 2048), dtype=getattr(torch, d))
+    a @ a
+    out[f"torch_{d}"] = 2 * 2048 ** 3 / common.best_of(lambda: a @ a, 5) / 1e9
+  return out
+
+
+def hf_generate(ref, prompts, n, new, eos_id):
+  """(seconds, useful tokens) of one transformers `generate` call over left-padded prompts."""
   import time
   import torch
-  import transformers
-  import tasks
-  from benchmarks.train_step import matmul_peak
-  from restem_jax import gguf, vocab
-  path = gguf.smollm2_path()
-  cfg, params = hf.load(path)
-  v = vocab.HFTokenizerVocabulary(path)
-  task = tasks.chat(tasks.get("gsm8k"), v, tasks.ChatFormat(
-      instruction="\nSolve it step by step, then give the final answer as: #### <number>"))
-  prompts = [v.encode(r["prompt"]) for r in task.load("test")[:args.real_prompts]]
-  n, new = args.real_samples, args.real_new
-  peak = max(matmul_peak(np.float32, 2048) for _ in range(2)) / 1e9  # GFLOP/s
-  sc = sampling.SamplingConfig(num_samples=n, temperature=0.7, top_k=40, max_new_tokens=new)
-  kw = dict(eos_id=v.eos_id, batch_size=len(prompts))
-  t0 = time.perf_counter()
-  sampling.sample(cfg, params, prompts, sc, rng=0, **kw)  # compiles (and runs once)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  out = sampling.sample(cfg, params, prompts, sc, rng=1, **kw)
-  ours = time.perf_counter() - t0
-  ours_tokens = int(out.lengths.sum())
-  print(f"real model: {cfg.num_params() / 1e6:.0f}M parameters, {len(prompts)} prompts x {n} samples, "
-        f"{new} new tokens; ours {ours:.1f} s (second call; the first, compiling, took {first:.0f} s) "
-        f"for {ours_tokens} useful tokens = {ours_tokens / ours:.0f} tokens/s")
-  ref = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
   width = max(map(len, prompts))
   ids = torch.zeros((len(prompts), width), dtype=torch.long)
   mask = torch.zeros_like(ids)
@@ -133,20 +133,90 @@ def real_model(args) -> dict:
   t0 = time.perf_counter()
   with torch.no_grad():
     gen = ref.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=40,
-                       max_new_tokens=new, num_return_sequences=n, eos_token_id=v.eos_id,
-                       pad_token_id=v.eos_id)[:, width:].numpy()
-  theirs = time.perf_counter() - t0
-  ended = (gen == v.eos_id)
-  hf_tokens = int(np.where(ended.any(1), ended.argmax(1) + 1, gen.shape[1]).sum())
-  print(f"transformers generate: {theirs:.1f} s for {hf_tokens} useful tokens = {hf_tokens / theirs:.0f} tokens/s")
+                       max_new_tokens=new, num_return_sequences=n, eos_token_id=eos_id,
+                       pad_token_id=eos_id)[:, width:].numpy()
+  seconds = time.perf_counter() - t0
+  ended = gen == eos_id
+  return seconds, int(np.where(ended.any(1), ended.argmax(1) + 1, gen.shape[1]).sum())
+
+
+def real_model(args) -> dict:
+  """SmolLM2-135M-Instruct on GSM8K chat prompts: fixed batches against refill, ours
+  against transformers `generate` in bfloat16 and float32, and the roofline."""
+  import time
+  import torch
+  import transformers
+  import tasks
+  from restem_jax import gguf, vocab
+  path = gguf.smollm2_path()
+  v = vocab.HFTokenizerVocabulary(path)
+  task = tasks.chat(tasks.get("gsm8k"), v, tasks.ChatFormat(
+      instruction="\nSolve it step by step, then give the final answer as: #### <number>"))
+  test = task.load("test")
+  peaks = matmul_peaks()
+  print("matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {x:.0f}" for k, x in peaks.items()))
+  with tempfile.TemporaryDirectory() as folder:
+    # dense weights for both sides: the GGUF de-quantised once, saved as a Hugging Face folder
+    gguf.to_hf_folder(path, folder)
+    cfg, params = hf.load(folder)
+    refs = {d: transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, d)).eval()
+            for d in ("bfloat16", "float32")}
+
+  def ours(prompts, n, new, refill, batch):
+    sc = sampling.SamplingConfig(num_samples=n, temperature=0.7, top_k=40, max_new_tokens=new, refill=refill)
+    kw = dict(eos_id=v.eos_id, batch_size=batch)
+    t0 = time.perf_counter()
+    sampling.sample(cfg, params, prompts, sc, rng=0, **kw)  # compiles (and runs once)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = sampling.sample(cfg, params, prompts, sc, rng=1, **kw)
+    return time.perf_counter() - t0, first, out
+
   flops = 2 * cfg.num_params()
-  ours_tps, hf_tps = ours_tokens / ours, hf_tokens / theirs
-  print(f"ratio {ours_tps / hf_tps:.2f}; roofline fraction ours {flops * ours_tps / (peak * 1e9):.3f}, "
-        f"transformers {flops * hf_tps / (peak * 1e9):.3f} (float32 matmul peak {peak:.0f} GFLOP/s)")
-  return dict(real_ours_tokens_per_s=round(ours_tps, 1), real_hf_tokens_per_s=round(hf_tps, 1),
-              real_ratio=round(ours_tps / hf_tps, 2),
-              real_roofline_fraction=round(flops * ours_tps / (peak * 1e9), 3),
-              real_hf_roofline_fraction=round(flops * hf_tps / (peak * 1e9), 3), peak_gflops=round(peak, 1))
+  res = {}
+  shapes = [("fixed", args.real_prompts, args.real_samples, args.real_new, args.real_batch),
+            ("estep", args.estep_prompts, args.real_samples, args.estep_new, args.estep_batch)]
+  for name, np_, n, new, batch in shapes:
+    prompts = [v.encode(r["prompt"]) for r in test[:np_]]
+    for refill in (False, True) if name == "estep" else (False,):
+      sec, first, out = ours(prompts, n, new, refill, batch)
+      tps = int(out.lengths.sum()) / sec
+      res[name, refill] = (tps, out.useful_fraction())
+      print(f"{name}: {np_} prompts x {n} samples, <= {new} new tokens, batches of {batch} "
+            f"prompts, refill {'on' if refill else 'off'}: {sec:.1f} s (second call; the first, compiling, "
+            f"{first:.0f} s) for {int(out.lengths.sum())} useful tokens = {tps:.0f} tokens/s, useful-slot "
+            f"fraction {out.useful_fraction():.3f}")
+  prompts = [v.encode(r["prompt"]) for r in test[:args.estep_prompts]]
+  hf_tps = {}
+  if not args.skip_hf:
+    for d, ref in refs.items():
+      sec, toks = hf_generate(ref, prompts, args.real_samples, args.estep_new, v.eos_id)
+      hf_tps[d] = toks / sec
+      print(f"transformers generate {d} (torch {torch.__version__}, {torch.get_num_threads()} threads), "
+            f"estep shape: {sec:.1f} s for {toks} useful tokens = {toks / sec:.0f} tokens/s")
+  ours_tps = max(res["estep", True][0], res["estep", False][0])  # ours: the faster loop
+  out = dict(estep_useful_slot_fraction=round(res["estep", True][1], 3),
+             estep_useful_slot_fraction_no_refill=round(res["estep", False][1], 3),
+             estep_speedup=round(res["estep", True][0] / res["estep", False][0], 2),
+             real_ours_tokens_per_s=round(ours_tps, 1),
+             real_ours_no_refill_tokens_per_s=round(res["estep", False][0], 1),
+             fixed_useful_slot_fraction=round(res["fixed", False][1], 3),
+             fixed_ours_tokens_per_s=round(res["fixed", False][0], 1),
+             real_roofline_fraction=round(flops * ours_tps / (peaks["jax_float32"] * 1e9), 3),
+             **{f"peak_gflops_{k}": round(x, 1) for k, x in peaks.items()})
+  if hf_tps:
+    best = max(peaks.values())
+    out.update(real_hf_tokens_per_s=round(hf_tps["float32"], 1),
+               real_hf_bf16_tokens_per_s=round(hf_tps["bfloat16"], 1),
+               real_ratio=round(ours_tps / hf_tps["float32"], 2),
+               real_ratio_hf_bf16=round(ours_tps / hf_tps["bfloat16"], 2),
+               real_roofline_fraction_of_fastest=round(flops * ours_tps / (best * 1e9), 3),
+               real_hf_bf16_roofline_fraction=round(flops * hf_tps["bfloat16"] / (peaks["torch_bfloat16"] * 1e9), 3))
+    print(f"estep shape: ours {ours_tps:.0f} tokens/s = {out['real_ratio_hf_bf16']:.2f}x transformers "
+          f"bfloat16, {out['real_ratio']:.2f}x transformers float32; roofline fraction ours "
+          f"{out['real_roofline_fraction']:.3f} of the jax float32 peak, "
+          f"{out['real_roofline_fraction_of_fastest']:.3f} of the fastest peak ({best:.0f} GFLOP/s)")
+  return out
 
 
 if __name__ == "__main__":

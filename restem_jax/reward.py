@@ -85,6 +85,7 @@ def loss(cfg: model_lib.ModelConfig):
     nll_BxL = -jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0]
     right_BxL = jnp.argmax(logits_BxLxC, -1) == batch["labels"]
     return jnp.sum(nll_BxL * w_BxL), jnp.sum(w_BxL), {"accuracy": jnp.sum(right_BxL * w_BxL)}
+  loss_fn.packable = True  # reads segment ids and per-token rewards (training.prepare)
   return loss_fn
 
 

@@ -6,6 +6,12 @@ batch per call), so a long E-step compiles a few times at most.  Each prompt is
 prefilled once; its KV cache is shared by the `num_samples` rows that continue
 it (attention reads it once per prompt, not once per sample).  Decoding stops
 when every row has emitted EOS or `max_new_tokens` is reached.
+
+`SamplingConfig.refill` switches to continuous batching (`sample_refill`): a
+pool of rows with one ring-buffer cache each, a finished row taking the next
+waiting (prompt, sample).  No row waits for the longest one, but every row
+reads its own copy of its prompt at every step; on a 2-core CPU that attention
+is memory-bound and costs more than the waiting saves (see README, Benchmarks).
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ class SamplingConfig:
 
   temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
   `stop` holds extra stop strings (besides EOS and the task's own), applied on
-  the host when completions are cut; the device loop stops at EOS.
+  the host when completions are cut; the device loop stops at EOS.  `refill`
+  picks the device loop (both draw from the same distribution; their random
+  streams differ).
   """
   num_samples: int = 1
   temperature: float = 0.0
@@ -36,6 +44,10 @@ class SamplingConfig:
   top_p: float = 1.0
   max_new_tokens: int = 64
   stop: tuple = ()
+  # Continuous batching: a row that finishes takes the next waiting (prompt, sample)
+  # (`sample_refill`); False: fixed batches with a shared prompt prefix (`decode`),
+  # faster on a CPU (see `sample_refill`).
+  refill: bool = False
 
   def __post_init__(self):
     if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -56,6 +68,10 @@ class Samples:
   tokens: np.ndarray
   lengths: np.ndarray
   logprobs: np.ndarray  # log p(token) under the model (temperature 1, unfiltered)
+  computed: int = 0  # token slots the device computed (rows x steps); lengths.sum() were useful
+
+  def useful_fraction(self) -> float:
+    return float(self.lengths.sum() / max(1, self.computed))
 
   def completions(self, i: int, eos_id: int) -> list[list[int]]:
     """Token lists of prompt i's samples, a final EOS stripped."""
@@ -188,6 +204,13 @@ def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.
   return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
 
 
+def next_token(logits_NxV, rng, done_N, *, sc: SamplingConfig, pad_id):
+  """The next token of each row (pad where done) and its log-probability."""
+  tok_N = sample_token(logits_NxV, rng, sc.temperature, sc.top_k, sc.top_p)
+  lp_N = jnp.take_along_axis(logits_NxV, tok_N[:, None], -1)[:, 0] - logsumexp(logits_NxV)
+  return jnp.where(done_N, pad_id, tok_N), jnp.where(done_N, 0.0, lp_N)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "length", "rules"))
 def prefill(params, prompts_BxP, prompt_mask_BxP, *, cfg: model_lib.ModelConfig, length: int,
             rules=partitioning.DEFAULT_RULES):
@@ -210,7 +233,6 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
            cfg: model_lib.ModelConfig, sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
   """`sc.num_samples` continuations of each prefilled prompt (`prefill`'s outputs,
   `prompt_mask_BxP` marking its real slots); returns [B*n, T] arrays."""
-  temperature, top_k, top_p = sc.temperature, sc.top_k, sc.top_p
   with nn.logical_axis_rules(rules):
     b, p = prompt_mask_BxP.shape
     n, t = sc.num_samples, sc.max_new_tokens
@@ -219,11 +241,7 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
     rep = lambda x: jnp.repeat(x, n, axis=0)
     widths = decode_segments(t)
 
-    def pick(logits_NxV, rng, done_N):
-      """The next token of each row (pad where done) and its log-probability."""
-      tok_N = sample_token(logits_NxV, rng, temperature, top_k, top_p)
-      lp_N = jnp.take_along_axis(logits_NxV, tok_N[:, None], -1)[:, 0] - logsumexp(logits_NxV)
-      return jnp.where(done_N, pad_id, tok_N), jnp.where(done_N, 0.0, lp_N)
+    pick = functools.partial(next_token, sc=sc, pad_id=pad_id)
 
     # Token 0 comes from the prefill's logits; step j feeds token j - 1 (cache slot
     # j - 1) and samples token j, so t tokens take t - 1 forward passes.
@@ -324,21 +342,28 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   data axes (`batch_size` is rounded up to a multiple of their size); with
   several processes every host passes the same prompts, its devices sample
   their rows, and every host gets all the samples back.
-  `progress(num_done)` is called after each batch.
+  `progress(num_done)` is called after each batch.  With `sc.refill`, a pool of
+  `batch_size * num_samples` rows is refilled as rows finish (`sample_refill`).
+  `Samples.computed` counts the token slots the device computed.
   """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
+  for i, p in enumerate(prompt_tokens):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    if max_prompt_len and len(p) > max_prompt_len:
+      raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_prompt_len}")
+  if sc.refill:
+    from restem_jax import refill  # noqa: PLC0415 (refill builds on this module)
+    return refill.sample_refill(cfg, params, prompt_tokens, sc.device_part(), eos_id=eos_id, pad_id=pad_id,
+                         rng=rng, rows=batch_size * sc.num_samples, max_prompt_len=max_prompt_len,
+                         mesh=mesh, rules=rules, progress=progress)
   num_samples, max_new_tokens = sc.num_samples, sc.max_new_tokens
   num = len(prompt_tokens)
   dp = 1 if mesh is None else partitioning.data_parallel_size(mesh)
   batch_size = -(-batch_size // dp) * dp
   groups = prefill_groups if batch_size % (prefill_groups * dp) == 0 else 1
   rows = batch_size // groups
-  for i, p in enumerate(prompt_tokens):
-    if len(p) == 0:
-      raise ValueError(f"prompt {i} is empty")
-    if max_prompt_len and len(p) > max_prompt_len:
-      raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_prompt_len}")
   order = np.argsort([len(p) for p in prompt_tokens], kind="stable")  # batches of similar length
   # one prompt bucket per call: the decode loop compiles once (prefill groups, cheap, per bucket)
   plen = max_prompt_len or bucket_length(max(map(len, prompt_tokens), default=1))
@@ -347,6 +372,7 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   out_lp = np.zeros((num, num_samples, max_new_tokens), np.float32)
   put = (lambda a, names: a) if mesh is None else (lambda a, names: multihost.global_array(
       a, partitioning.sharding_for(mesh, names, a.shape, rules)))
+  computed = 0
   for start in range(0, num, batch_size):
     idx = order[start:start + batch_size]
     chunk = [prompt_tokens[i] for i in idx]
@@ -368,6 +394,7 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
     out_t[idx] = multihost.to_host(t).reshape(shape)[:k]
     out_lp[idx] = multihost.to_host(lp).reshape(shape)[:k]
     out_l[idx] = multihost.to_host(l).reshape(shape[:2])[:k]
+    computed += batch_size * num_samples * int(out_l[idx].max(initial=1))
     if progress:
       progress(min(start + batch_size, num))
-  return Samples(out_t, out_l, out_lp)
+  return Samples(out_t, out_l, out_lp, computed)

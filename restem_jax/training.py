@@ -20,7 +20,10 @@ as t5x/seqio and MaxText do.  A packed set adds
   positions   [B, L] int32  each example's own positions, from 0
 and its `reward` is per token, [B, L].  Attention stays within a segment and
 every mask keeps its own segment's positions, so each example's loss and
-gradient are what they are unpacked; `batch_size` then counts rows.
+gradient are what they are unpacked; `batch_size` then counts rows.  Only a
+loss that reads packed batches (`segments`, `token_rewards`) and says so
+(`loss_fn.packable = True`, as `nll_loss` and `reward.loss` do) gets them; any
+other loss gets one example per row.
 `train` takes any loss of the same form, `loss_fn(params, batch) -> (sum,
 weight, {name: sum})`, and any `init_fn`, so reward models reuse the same
 sharded step, accumulation, checkpoints, resume and keep-best.
@@ -112,6 +115,7 @@ def nll_loss(cfg: model_lib.ModelConfig) -> LossFn:
     nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)[..., 0]
     correct_BxL = (jnp.argmax(logits_BxLxV, -1) == targets_BxL) & (w_BxL > 0)
     return jnp.sum(nll_BxL * w_BxL), jnp.sum(w_BxL), {"accuracy": jnp.sum(correct_BxL * w_BxL)}
+  loss_fn.packable = True
   return loss_fn
 
 
@@ -316,8 +320,14 @@ def pack_rows(data: dict) -> dict:
   return out
 
 
-def prepare(data: dict, tc: TrainConfig) -> dict:
-  """The set `train` trains on: packed (`pack_rows`) when `tc.pack`."""
+def prepare(data: dict, tc: TrainConfig, loss_fn: LossFn | None = None) -> dict:
+  """The set `train` trains on: packed (`pack_rows`) when `tc.pack` and the loss
+  reads packed batches (`loss_fn.packable`; None: the default NLL, which does)."""
+  if loss_fn is not None and not getattr(loss_fn, "packable", False):
+    if "segment_ids" in data:
+      raise ValueError("packed training data for a loss that does not read packed batches "
+                       "(set loss_fn.packable = True once it does, or pass examples one per row)")
+    return data
   if not tc.pack or "segment_ids" in data or not len(data["tokens"]):
     return data
   packed = pack_rows(data)
@@ -359,7 +369,7 @@ def train(cfg, tc: TrainConfig, data: dict, workdir: str, mesh, *, loss_fn: Loss
   shards of its own devices.
   """
   loss_fn = loss_fn or nll_loss(cfg)
-  data = prepare(data, tc)
+  data = prepare(data, tc, loss_fn)
   init_fn = init_fn or functools.partial(model_lib.init_params, cfg)
   if tc.batch_size % tc.grad_accum:
     raise ValueError(f"TrainConfig: batch_size {tc.batch_size} is not divisible by "

@@ -51,12 +51,14 @@ def test_kv_cache_matches_full_forward(params):
       assert_close(out[i, 0], fulls[i][n + t_], FORWARD_ULPS)
 
 
-def test_temperature_zero_is_greedy(params):
+@pytest.mark.parametrize("refill", [False, True])
+def test_temperature_zero_is_greedy(params, refill):
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-  # 70 new tokens: three decode segments (cache widths 32, 64, 70), three rows per shared prompt.
+  # 70 new tokens: three decode segments (cache widths 32, 64, 70), three rows per shared
+  # prompt; with refill, a ring of 16 + 70 slots that every row goes round.
   assert sampling.decode_segments(70) == [32, 64, 70]
-  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=70, temperature=0.0),
-                        eos_id=-1, rng=3, batch_size=2)
+  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=70, temperature=0.0,
+                                                 refill=refill), eos_id=-1, rng=3, batch_size=2)
   for i, pr in enumerate(prompts):
     seq = list(pr) + [0] * 70
     for j in range(len(pr), len(seq)):  # causal: later filler tokens do not matter
@@ -91,12 +93,14 @@ def test_sampling_frequencies_match_softmax():
   assert stats.chisquare(counts, expected).pvalue > 0.001
 
 
-def test_eos_stops_and_pads(params):
+@pytest.mark.parametrize("refill", [False, True])
+def test_eos_stops_and_pads(params, refill):
   # Force EOS: the greedy first token of each prompt is used as the EOS id.
   prompts = [[5, 6, 7], [20, 21]]
-  greedy = sampling.sample(CFG, params, prompts, SC(max_new_tokens=6), eos_id=-1, batch_size=2)
+  sc = SC(max_new_tokens=6, refill=refill)
+  greedy = sampling.sample(CFG, params, prompts, sc, eos_id=-1, batch_size=2)
   eos = int(greedy.tokens[0, 0, 2])
-  out = sampling.sample(CFG, params, prompts, SC(max_new_tokens=6), eos_id=eos, batch_size=2)
+  out = sampling.sample(CFG, params, prompts, sc, eos_id=eos, batch_size=2)
   for i in range(2):
     toks, n = out.tokens[i, 0], out.lengths[i, 0]
     ref = list(greedy.tokens[i, 0])
@@ -113,7 +117,7 @@ def test_sorted_batches_and_grouped_prefill_match_one_prompt_at_a_time(params):
   rng = np.random.RandomState(1)
   lens = [3, 70, 5, 20, 40, 2, 9, 33]
   prompts = [list(rng.randint(3, 61, n)) for n in lens]
-  sc = SC(num_samples=2, max_new_tokens=6, temperature=0.0)
+  sc = SC(num_samples=2, max_new_tokens=6, temperature=0.0, refill=False)
   grouped = sampling.sample(CFG, params, prompts, sc, eos_id=-1, batch_size=4, prefill_groups=2)
   whole = sampling.sample(CFG, params, prompts, sc, eos_id=-1, batch_size=8, prefill_groups=1)
   for i, pr in enumerate(prompts):
@@ -125,14 +129,15 @@ def test_sorted_batches_and_grouped_prefill_match_one_prompt_at_a_time(params):
     sampling.sample(CFG, params, prompts, sc, eos_id=-1, max_prompt_len=64)
 
 
-def test_sampling_on_mesh_matches_single_device(params):
+@pytest.mark.parametrize("refill", [False, True])
+def test_sampling_on_mesh_matches_single_device(params, refill):
   mesh = partitioning.make_mesh((2, 2, 2))
   shardings = partitioning.logical_shardings(
       jax.eval_shape(lambda r: model.init_params(CFG, r), jax.random.key(0)), mesh)
   sharded = jax.device_put(params, shardings)
   prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
-  sc = SC(num_samples=2, max_new_tokens=8, temperature=0.8, top_k=10)
-  kw = dict(eos_id=-1, rng=7, batch_size=4)
+  sc = SC(num_samples=2, max_new_tokens=8, temperature=0.8, top_k=10, refill=refill)
+  kw = dict(eos_id=-1 if not refill else 9, rng=7, batch_size=4 if not refill else 2)
   a = sampling.sample(CFG, params, prompts, sc, **kw)
   with jax.set_mesh(mesh):
     b = sampling.sample(CFG, sharded, prompts, sc, mesh=mesh, **kw)
@@ -171,11 +176,12 @@ def test_top_k_with_top_p_frequencies_match_filtered_softmax():
   assert stats.chisquare(counts[kept], p[kept] * 20000).pvalue > 0.001
 
 
-def test_sampled_logprobs_match_full_forward(params):
+@pytest.mark.parametrize("refill", [False, True])
+def test_sampled_logprobs_match_full_forward(params, refill):
   """Rows that share a prompt diverge: each row's log-probs equal a fresh forward pass."""
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20]]
-  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=40, temperature=1.0),
-                        eos_id=-1, rng=5, batch_size=4)
+  out = sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=40, temperature=1.0,
+                                                 refill=refill), eos_id=-1, rng=5, batch_size=4)
   for i, pr in enumerate(prompts):
     assert len({tuple(r) for r in out.tokens[i]}) == 3  # the samples differ
     for j in range(3):
@@ -197,13 +203,42 @@ def test_logsumexp_matches_jax_with_masked_entries():
                              atol=4 * np.sqrt(5000) * np.finfo(np.float32).eps)
 
 
+@pytest.mark.parametrize("refill", [False, True])
 @pytest.mark.parametrize("new", [1, 2])
-def test_shortest_decodes_are_greedy(params, new):
+def test_shortest_decodes_are_greedy(params, new, refill):
   """Token 0 comes from the prefill, token j from the j-th forward pass."""
   prompts = [[5, 6, 7], [9, 10]]
-  out = sampling.sample(CFG, params, prompts, SC(max_new_tokens=new), eos_id=-1, batch_size=2)
+  out = sampling.sample(CFG, params, prompts, SC(max_new_tokens=new, refill=refill), eos_id=-1,
+                        batch_size=2)
   for i, pr in enumerate(prompts):
     seq = list(pr)
     for _ in range(new):
       seq.append(int(jnp.argmax(forward(params, jnp.asarray([seq]))[0, -1])))
     assert list(out.tokens[i, 0]) == seq[len(pr):] and out.lengths[i, 0] == new
+
+
+def test_refilled_rows_match_full_forwards_and_waste_fewer_slots(params):
+  """Continuous batching: 6 prompts x 3 samples through a pool of 6 rows, rows ending at
+  EOS at different steps and taking the next waiting sample.  Each sample's tokens are
+  a valid continuation (log-probs equal a full forward pass of prompt + sample, EOS only
+  last, padding after), and the pool computes fewer wasted slots than fixed batches."""
+  rng = np.random.RandomState(4)
+  prompts = [list(rng.randint(3, 61, n)) for n in (3, 12, 5, 20, 7, 2)]
+  eos = 9
+  runs = {}
+  for refill in (False, True):
+    sc = SC(num_samples=3, max_new_tokens=24, temperature=1.0, refill=refill)
+    runs[refill] = out = sampling.sample(CFG, params, prompts, sc, eos_id=eos, rng=11, batch_size=2)
+    for i, pr in enumerate(prompts):
+      for j in range(3):
+        n = int(out.lengths[i, j])
+        toks = [int(x) for x in out.tokens[i, j, :n]]
+        assert 1 <= n <= 24 and eos not in toks[:-1] and (n == 24 or toks[-1] == eos)
+        assert not out.tokens[i, j, n:].any() and not out.logprobs[i, j, n:].any()
+        lp = jax.nn.log_softmax(forward(params, jnp.asarray([list(pr) + toks]))[0])
+        assert_close(out.logprobs[i, j, :n], [float(lp[len(pr) + k - 1, toks[k]]) for k in range(n)],
+                     FORWARD_ULPS, err_msg=f"refill={refill}, prompt {i}, sample {j}")
+  lengths = runs[True].lengths
+  assert len(set(lengths.ravel().tolist())) > 3  # rows really end at different steps
+  assert runs[True].useful_fraction() > runs[False].useful_fraction()
+  assert runs[True].computed >= lengths.sum()

@@ -186,6 +186,8 @@ def test_train_takes_any_loss_and_init(tmp_path):
   params, _, state = training.train(CFG, tc, data, str(tmp_path), partitioning.make_mesh((2, 2, 2)),
                                     loss_fn=loss_fn, init_fn=init_fn, log=history.append)
   assert set(params) == {"lm", "head"} and "abs_err" in history[-1]
+  # a loss that does not read packed batches gets its examples one per row
+  assert training.prepare(data, tc, loss_fn) is data and tc.pack
   assert history[0]["loss"] > 0.2 and history[-1]["loss"] < 0.05, (history[0], history[-1])
   assert state.params["head"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
 
@@ -269,7 +271,7 @@ def test_train_packs_by_default_and_can_be_told_not_to(tmp_path):
   seen = {}
   for pack in (True, False):
     tc = training.TrainConfig(batch_size=4, total_steps=2, warmup_steps=1, pack=pack)
-    rows = training.prepare(data, tc)
+    rows = training.prepare(data, tc, NLL)
     seen[pack] = len(rows["tokens"])
     _, _, state = training.train(CFG, tc, data, str(tmp_path / str(pack)), mesh)
     assert int(state.step) == 2
