@@ -7,7 +7,7 @@ prefilled once; its KV cache is shared by the `num_samples` rows that continue
 it (attention reads it once per prompt, not once per sample).  Decoding stops
 when every row has emitted EOS or `max_new_tokens` is reached.
 
-`SamplingConfig.refill` switches to continuous batching (`sample_refill`): a
+`SamplingConfig.refill` switches to continuous batching (`refill.py`): a
 pool of rows with one ring-buffer cache each, a finished row taking the next
 waiting (prompt, sample).  No row waits for the longest one, but every row
 reads its own copy of its prompt at every step; on a 2-core CPU that attention
@@ -45,8 +45,8 @@ class SamplingConfig:
   max_new_tokens: int = 64
   stop: tuple = ()
   # Continuous batching: a row that finishes takes the next waiting (prompt, sample)
-  # (`sample_refill`); False: fixed batches with a shared prompt prefix (`decode`),
-  # faster on a CPU (see `sample_refill`).
+  # (`refill.sample_refill`); False: fixed batches with a shared prompt prefix (`decode`),
+  # faster on a CPU (see `refill.py`).
   refill: bool = False
 
   def __post_init__(self):
@@ -343,7 +343,7 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   several processes every host passes the same prompts, its devices sample
   their rows, and every host gets all the samples back.
   `progress(num_done)` is called after each batch.  With `sc.refill`, a pool of
-  `batch_size * num_samples` rows is refilled as rows finish (`sample_refill`).
+  `batch_size * num_samples` rows is refilled as rows finish (`refill.sample_refill`).
   `Samples.computed` counts the token slots the device computed.
   """
   if isinstance(rng, int):
