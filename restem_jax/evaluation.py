@@ -129,13 +129,15 @@ def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequenc
                    seed: int = 0) -> dict:
   """What the report shows of a policy: greedy pass@1 on `splits` (name ->
   records; "train" and "test" give the train-test gap), on each transfer
-  (task, split, records), and pass@k / maj@k of `sc` samples on the test split."""
+  (task, split, records[, its max_new_tokens]), and pass@k / maj@k of `sc`
+  samples on the test split.  Greedy decoding stops at `max_new_tokens`."""
   m = {f"{name}_pass_at_1": greedy_pass_at_1(engine, params, task, recs, max_new_tokens)
        for name, recs in splits.items()}
   if "train" in splits and "test" in splits:
     m["train_test_gap"] = m["train_pass_at_1"] - m["test_pass_at_1"]
-  for t, split, recs in transfer:
-    m[f"transfer/{t.name}/{split}_pass_at_1"] = greedy_pass_at_1(engine, params, t, recs, max_new_tokens)
+  for t, split, recs, *n in transfer:
+    m[f"transfer/{t.name}/{split}_pass_at_1"] = greedy_pass_at_1(engine, params, t, recs,
+                                                                 n[0] if n and n[0] else max_new_tokens)
   if sc.num_samples > 1:
     r = rollout(engine, params, task, splits["test"], sc, seed=seed, desc="pass@k samples")
     summary, _ = score(r, ks)

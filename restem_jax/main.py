@@ -67,13 +67,16 @@ def _task(name, data_dir, task_options, prompt="", chat=None, vocab=None, allow_
 
 
 def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="",
-                task_options=None, prompt="", chat=None, allow_unisolated_code=False):
+                task_options=None, prompt="", chat=None, allow_unisolated_code=False,
+                sample_chat=None, sample_prompt=""):
   """ReST^EM in run_dir.  `task_options`: {task name: its options} (arith: an
   ArithConfig; apps: difficulties); `prompt` replaces the main task's template;
   `chat` (a ChatFormat) renders every task's prompts with the chat template;
   `allow_unisolated_code` lets code tasks run programs without bubblewrap
   (rlimits only; by default they refuse to start).  The other entry points
-  take the last four the same way."""
+  take these four the same way.  `sample_chat` / `sample_prompt`: the E-step's
+  own prompts (e.g. few-shot) where they differ; training and evaluation use
+  `chat` / `prompt`."""
   import dataclasses
   from restem_jax import restem
   from restem_jax.checkpoints import absolute
@@ -82,10 +85,14 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
                                prm_filter=absolute(config.prm_filter))
   model, vocab = _setup(model, config.hf_model_dir)
   task = _task(config.task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
-  transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab, allow_unisolated=allow_unisolated_code), s)
-              for t, s in config.transfer]
+  transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab, allow_unisolated=allow_unisolated_code), *rest)
+              for t, *rest in config.transfer]
+  sample_task = None
+  if sample_chat is not None or sample_prompt:
+    sample_task = _task(config.task, data_dir, task_options, sample_prompt or prompt, sample_chat or chat,
+                        vocab, allow_unisolated_code)
   return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab, task=task,
-                    transfer=transfer)
+                    transfer=transfer, sample_task=sample_task)
 
 
 def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(1,), batch_size=64,

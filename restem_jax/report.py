@@ -42,6 +42,11 @@ def plain(t: list[list[str]]) -> str:
                    for row in t)
 
 
+def _start(rows: list[dict]) -> dict:
+  """The row ReST^EM started from (marked `start`; the last row before iteration 1)."""
+  return next((r for r in rows if r.get("start")), [r for r in rows if r["iteration"] == 0][-1])
+
+
 def plots(run_dir: str, rows: list[dict], cfg) -> list[str]:
   try:
     import matplotlib
@@ -50,11 +55,17 @@ def plots(run_dir: str, rows: list[dict], cfg) -> list[str]:
   except ImportError:
     return []
   out = []
-  its = [r["iteration"] for r in rows]
+  chain = [_start(rows)] + [r for r in rows if r["iteration"] > 0]
+  its = [r["iteration"] for r in chain]
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(its, [100 * r["train_pass_at_1"] for r in rows], "o-", label="train (pool) pass@1")
-  ax.plot(its, [100 * r["test_pass_at_1"] for r in rows], "s-", label="test pass@1")
-  ax.set_xlabel("ReST^EM iteration (0 = SFT on human data)")
+  ax.plot(its, [100 * r["train_pass_at_1"] for r in chain], "o-", label="train (pool) pass@1")
+  ax.plot(its, [100 * r["test_pass_at_1"] for r in chain], "s-", label="test pass@1")
+  for r in rows:  # the other starting points (base, SFT) as levels
+    if r["iteration"] == 0 and r is not chain[0]:
+      ax.axhline(100 * r["test_pass_at_1"], ls="--", lw=1, color="gray")
+      ax.annotate(f"{r['name']}: test", (its[-1], 100 * r["test_pass_at_1"]), fontsize=7,
+                  ha="right", va="bottom", color="gray")
+  ax.set_xlabel(f"ReST^EM iteration (0 = {chain[0]['name']})")
   ax.set_ylabel("accuracy (%)")
   ax.set_xticks(its)
   ax.legend()
@@ -82,25 +93,42 @@ def plots(run_dir: str, rows: list[dict], cfg) -> list[str]:
   return out
 
 
-def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float) -> dict:
+def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict | None = None) -> dict:
+  """The report of `rows` (the base and/or SFT rows at iteration 0, then ReST^EM's
+  iterations): report.md, summary.json, plots.  `seconds`: time per kind of work."""
   iters = [r for r in rows if r["iteration"] > 0]
-  best = max(iters, key=lambda r: (r["validation_pass_at_1"], -r["iteration"])) if iters else rows[0]
+  start = _start(rows)
+  best = max(iters, key=lambda r: (r["validation_pass_at_1"], -r["iteration"])) if iters else start
+  named = {r["name"]: r for r in rows if r["iteration"] == 0}
   summary = dict(
       task=cfg.task,
-      baseline_test_pass_at_1=rows[0]["test_pass_at_1"],
+      baseline_test_pass_at_1=start["test_pass_at_1"],  # where ReST^EM started
       best_iteration=best["iteration"],
       best_test_pass_at_1=best["test_pass_at_1"],
       max_test_pass_at_1=max(r["test_pass_at_1"] for r in rows),
-      improvement_points=100 * (best["test_pass_at_1"] - rows[0]["test_pass_at_1"]),
-      wall_time_s=round(wall_time_s, 1),
-      baseline=rows[0],
-      iterations=iters)
+      improvement_points=100 * (best["test_pass_at_1"] - start["test_pass_at_1"]),
+      wall_time_s=round(wall_time_s, 1))
+  if "base" in named:
+    summary["base_test_pass_at_1"] = named["base"]["test_pass_at_1"]
+    summary["improvement_over_base_points"] = 100 * (best["test_pass_at_1"] - named["base"]["test_pass_at_1"])
+  if "SFT (human data)" in named:
+    summary["sft_test_pass_at_1"] = named["SFT (human data)"]["test_pass_at_1"]
+  if seconds:
+    summary["time_split_s"] = dict(seconds)
+  summary.update(baseline=start, iterations=iters)
+  for key, name in (("base", "base"), ("sft", "SFT (human data)")):  # every starting row
+    if name in named:
+      summary[key] = named[name]
   t = table(rows, cfg)
   if not multihost.is_writer():  # process 0 writes the report
     return summary
-  md = (f"# ReST^EM on `{cfg.task}`\n\n{markdown(t)}\n\nAccuracies in %. Best iteration by "
-        f"validation: {best['iteration']} (test pass@1 {100 * best['test_pass_at_1']:.1f} vs "
-        f"baseline {100 * rows[0]['test_pass_at_1']:.1f}). Wall time {wall_time_s:.0f} s.\n")
+  split = ""
+  if seconds:
+    split = " Time: " + ", ".join(f"{k.replace('_', '-')} {v:.0f} s" for k, v in seconds.items()) + "."
+  md = (f"# ReST^EM on `{cfg.task}`\n\n{markdown(t)}\n\nAccuracies in %. ReST^EM started from "
+        f"{start['name']}; best iteration by validation: {best['iteration']} (test pass@1 "
+        f"{100 * best['test_pass_at_1']:.1f} vs {100 * start['test_pass_at_1']:.1f}). "
+        f"Wall time {wall_time_s:.0f} s.{split}\n")
   pngs = plots(run_dir, rows, cfg)
   md += "".join(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in pngs)
   with open(os.path.join(run_dir, "report.md"), "w") as f:
@@ -109,7 +137,7 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float) -> dict:
     json.dump(summary, f, indent=1)
   print("\n" + plain(t))
   print(f"\nbest iteration (by validation): {best['iteration']}; test pass@1 "
-        f"{100 * rows[0]['test_pass_at_1']:.1f} -> {100 * best['test_pass_at_1']:.1f} "
-        f"({summary['improvement_points']:+.1f} points); wall time {wall_time_s:.0f} s")
+        f"{100 * start['test_pass_at_1']:.1f} ({start['name']}) -> {100 * best['test_pass_at_1']:.1f} "
+        f"({summary['improvement_points']:+.1f} points); wall time {wall_time_s:.0f} s{split}")
   print(f"report: {os.path.join(run_dir, 'report.md')}")
   return summary

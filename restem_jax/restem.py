@@ -1,12 +1,16 @@
 """ReST^EM (Singh et al. 2023, Algorithm 1): self-training with a binary reward.
 
-    base  = SFT on the human split (the baseline), or a given checkpoint
+    base  = a given model (pretrained or checkpoint), evaluated as a row
+    SFT   = the base (or a random init) fine-tuned on the human split (the paper's baseline)
+    start = SFT, or the base (`start_from`): where ReST^EM starts
     for i in 1..num_iterations:
       E-step: sample `sampling.num_samples` completions per training problem from
-              the current policy and verify them on the host   -> iter_i/rollouts/
+              the current policy (with the sampling prompt, e.g. few-shot, where
+              it differs from the training prompt) and verify them -> iter_i/rollouts/
       select: <= max_per_problem distinct rewarded samples per problem -> iter_i/kept.jsonl
-      M-step: fine-tune the *base* (or the last iterate) on their token ids with
-              the reward-weighted NLL, keeping the best checkpoint by validation
+      M-step: fine-tune the start model (or the last iterate) on their token ids,
+              behind the training prompt, with the reward-weighted NLL, keeping
+              the best checkpoint by validation
       evaluate: greedy pass@1 (train subset, validation, test, transfer tasks),
               pass@k and maj@k from temperature samples
     stop early when validation stops improving.
@@ -40,13 +44,17 @@ class RestemConfig:
   task: str = "arith"
   train_split: str = "pool"  # problems the E-step samples (answers only)
   train_limit: int = 0  # > 0: only the first N problems of train_split
-  human_split: str = "human"  # SFT data for the baseline ("" = start from the given model)
+  human_split: str = "human"  # SFT data for the baseline ("" = no SFT: start from the given model)
+  # where ReST^EM starts: "sft" (the SFT model; the given model when there is no human_split)
+  # or "base" (the given model, hf_model_dir / base_checkpoint; SFT is then a comparison row)
+  start_from: str = "sft"
   validation_split: str = "validation"
   test_split: str = "test"
-  transfer: tuple = (("arith", "test_ood"),)  # (task, split) pairs evaluated greedily
+  # (task, split[, limit[, max_new_tokens]]) evaluated greedily; limit > 0: the first N problems
+  # (else eval_limit's), max_new_tokens > 0: its decoding limit (else eval_sampling's)
+  transfer: tuple = (("arith", "test_ood"),)
   num_iterations: int = 3
   # E-step (paper: 32 samples for MATH, 64 for APPS; temperature 0.7; top-k 40; <= 10 kept).
-  # Greedy evaluation decodes up to sampling.max_new_tokens too.
   sampling: SamplingConfig = SamplingConfig(num_samples=32, temperature=0.7, top_k=40)
   max_per_problem: int = 10
   sample_batch_size: int = 64  # prompts per sampler call (and per E-step batch file)
@@ -55,7 +63,8 @@ class RestemConfig:
   include_human_data: bool = False  # train on the human solutions too
   mstep_epochs: float = 0.0  # > 0: M-step steps = epochs * examples / batch (else TrainConfig)
   max_len: int = 128  # training sequence length (prompt + completion + EOS)
-  # evaluation: pass@k / maj@k from eval_sampling's samples of each test problem
+  # evaluation: pass@k / maj@k from eval_sampling's samples of each test problem; greedy
+  # evaluation and validation decode up to eval_sampling.max_new_tokens too
   eval_sampling: SamplingConfig = SamplingConfig(num_samples=16, temperature=1.0)
   pass_k: tuple = (1, 4, 16)
   train_eval_size: int = 500  # training problems used for the train pass@1
@@ -69,6 +78,12 @@ class RestemConfig:
   # training folder, gin/train_prm.gin) is below prm_threshold before selection
   prm_filter: str = ""
   prm_threshold: float = 0.5
+
+  def __post_init__(self):
+    if self.start_from not in ("sft", "base"):
+      raise ValueError(f"RestemConfig.start_from: {self.start_from!r}; use 'sft' or 'base'")
+    if self.m_step_init not in ("base", "last"):
+      raise ValueError(f"RestemConfig.m_step_init: {self.m_step_init!r}; use 'base' or 'last'")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -120,13 +135,16 @@ def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len
 
 
 def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_problem: int,
-         path: str) -> tuple[np.ndarray, dict]:
-  """Selects the kept samples, writes them to `path` (JSONL: text and token ids), returns (mask, stats)."""
+         path: str, prompt_ids: list | None = None) -> tuple[np.ndarray, dict]:
+  """Selects the kept samples, writes them to `path` (JSONL: text and token ids), returns (mask, stats).
+  `problems` give the prompt text that is trained on, `prompt_ids` its token ids per
+  problem where they differ from the sampled ones."""
   mask = rollouts.select(r, max_per_problem)
   prompts = {str(p["id"]): p["prompt"] for p in problems}
   texts = r.texts(vocab, task.stop)
+  ids = (lambda i: list(prompt_ids[i])) if prompt_ids is not None else r.prompt  # noqa: E731
   kept = [dict(id=str(r.problem_ids[i]), prompt=prompts[str(r.problem_ids[i])], completion=texts[i][j],
-               prompt_ids=r.prompt(i), completion_ids=r.completion(i, j), reward=float(r.rewards[i, j]))
+               prompt_ids=ids(i), completion_ids=r.completion(i, j), reward=float(r.rewards[i, j]))
           for i, j in zip(*np.nonzero(mask))]
   stats = dict(kept_samples=len(kept), problems_solved=int(mask.any(1).sum()),
                problems_solved_fraction=float(mask.any(1).mean()),
@@ -170,26 +188,26 @@ def evaluate_stage(engine, params, task, splits: dict, transfer: list, cfg: Rest
     return read_json(path)
   os.makedirs(stage_dir, exist_ok=True)
   m = dict(extra, **evaluation.policy_metrics(
-      engine, params, task, splits, transfer, max_new_tokens=cfg.sampling.max_new_tokens,
+      engine, params, task, splits, transfer, max_new_tokens=cfg.eval_sampling.max_new_tokens,
       sc=cfg.eval_sampling, ks=cfg.pass_k, seed=cfg.seed + 17))
   write_json(path, m)
   log(os.path.basename(stage_dir), {k: v for k, v in m.items() if isinstance(v, (int, float))})
   return m
 
 
-def base_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_dir: str,
-                validate, log: RunLog):
-  """The base policy: SFT on the human split (the baseline), or the given model."""
+def given_model(engine, cfg: RestemConfig):
+  """The given model's parameters (base_checkpoint, else hf_model_dir), or None."""
   if cfg.base_checkpoint:
     return evaluation.load_params(cfg.base_checkpoint, engine.model, engine.mesh)
-  init = None
   if cfg.hf_model_dir:
     from restem_jax import hf
-    init = hf.load_params(cfg.hf_model_dir, engine.model, engine.mesh)
-  if not cfg.human_split:
-    if init is None:
-      raise ValueError("RestemConfig: no human_split and no hf_model_dir: nothing to start from")
-    return init
+    return hf.load_params(cfg.hf_model_dir, engine.model, engine.mesh)
+  return None
+
+
+def sft_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_dir: str, init,
+               validate, log: RunLog):
+  """SFT on the human split (the paper's baseline) from `init` (None: random), resumable."""
   stage_dir = os.path.join(run_dir, "sft")
   done = os.path.join(stage_dir, "done.json")
   if os.path.exists(done):
@@ -220,60 +238,77 @@ def run(run_dir: str, config: RestemConfig = RestemConfig(),
         model: model_lib.ModelConfig = model_lib.ModelConfig(),
         sft: training.TrainConfig = training.TrainConfig(),
         mstep: training.TrainConfig = training.TrainConfig(),
-        mesh_shape: tuple = (-1, 1, 1), vocab=None, task=None, transfer=None) -> dict:
+        mesh_shape: tuple = (-1, 1, 1), vocab=None, task=None, transfer=None,
+        sample_task=None) -> dict:
   """Runs (or resumes) ReST^EM in `run_dir`; returns the summary (also summary.json).
 
-  `task` (a tasks.Task) and `transfer` ([(Task, split)]) default to the tasks
-  named in `config`; `vocab` to the byte vocabulary of the built-in models."""
+  `task` (a tasks.Task) and `transfer` ([(Task, split[, limit[, max_new_tokens]])]) default to the tasks
+  named in `config`; `vocab` to the byte vocabulary of the built-in models.
+  `sample_task`: the same task with the E-step's prompts (e.g. few-shot), where
+  they differ from `task`'s, which are trained on and evaluated with."""
   import tasks as tasks_lib
   from restem_jax import vocab as vocab_lib
   task = task or tasks_lib.get(config.task)
-  transfer = transfer if transfer is not None else [(tasks_lib.get(t), s) for t, s in config.transfer]
+  transfer = transfer if transfer is not None else [(tasks_lib.get(t), *rest) for t, *rest in config.transfer]
   mesh = partitioning.make_mesh(mesh_shape)
   engine = evaluation.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, config.sample_batch_size,
                              config.workers or None)
   log = RunLog(run_dir)
   try:
     with jax.set_mesh(mesh):
-      return _loop(run_dir, config, engine, task, transfer, sft, mstep, log)
+      return _loop(run_dir, config, engine, task, transfer, sft, mstep, log, sample_task)
   finally:
     log.close()
 
 
 def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy, init, human,
-              mstep: training.TrainConfig, stage_dir: str, validate, log: RunLog, prm=None):
-  """One ReST^EM iteration: E-step with `policy` (PRM-filtered with `prm`), select,
-  M-step from `init`.  Returns (the M-step's best parameters, the E-step's statistics)."""
-  r = e_step(engine, policy, task, pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
-             jax.random.fold_in(jax.random.key(cfg.seed), it))
+              mstep: training.TrainConfig, stage_dir: str, validate, log: RunLog, prm=None,
+              sample_pool: list[dict] | None = None):
+  """One ReST^EM iteration: E-step with `policy` on `sample_pool` (the pool's
+  problems with the sampling prompts; default `pool`), PRM-filtered with `prm`,
+  select, M-step from `init` on the kept completions behind `pool`'s prompts.
+  Returns (the M-step's best parameters, the E-step's statistics)."""
+  with log.timed("e_step"):
+    r = e_step(engine, policy, task, sample_pool or pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
+               jax.random.fold_in(jax.random.key(cfg.seed), it))
+  train_ids = [engine.vocab.encode(p["prompt"]) for p in pool] if sample_pool is not None else None
   kept_path = os.path.join(stage_dir, "kept.jsonl")
   filtered = {}
   if prm is not None:
     r, filtered = prm_filter(r, prm, task, engine.vocab, cfg.prm_threshold, cfg.max_len)
-  mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path)
+  mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path, train_ids)
   stats.update(filtered)
   stats["seqio_task"] = _register_kept(f"{task.name}_restem_iter{it}", kept_path, engine.vocab)
   log(f"iter_{it}", stats)
-  data = rollouts.examples(r, mask, engine.vocab.eos_id, cfg.max_len)
+  data = rollouts.examples(r, mask, engine.vocab.eos_id, cfg.max_len, train_ids)
   if human is not None:
     data = {k: np.concatenate([data[k], human[k]]) for k in data}
   if not len(data["reward"]):
     logging.warning("iteration %d: no sample was kept (0 of %d problems solved): no M-step, the "
                     "policy stays as it was; sample more or start from a stronger base", it, len(pool))
     return policy, dict(stats, m_step_skipped=True)
-  params, _ = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs)
+  with log.timed("m_step"):
+    params, _ = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs)
   return params, stats
 
 
-def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: RunLog) -> dict:
+def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: RunLog,
+          sample_task=None) -> dict:
   limit = lambda rows: rows[:cfg.eval_limit] if cfg.eval_limit else rows  # noqa: E731
   pool = task.load(cfg.train_split)[:cfg.train_limit or None]
+  sample_pool = sample_task.load(cfg.train_split)[:cfg.train_limit or None] if sample_task else None
   splits = {"train": pool[:cfg.train_eval_size], "validation": limit(task.load(cfg.validation_split)),
             "test": limit(task.load(cfg.test_split))}
-  transfer = [(t, s, limit(t.load(s))) for t, s in transfer]
-  validate = lambda p: evaluation.greedy_pass_at_1(  # noqa: E731
-      engine, p, task, splits["validation"], cfg.sampling.max_new_tokens)
-  evaluate = lambda p, d, extra: evaluate_stage(engine, p, task, splits, transfer, cfg, d, log, extra)  # noqa: E731
+  transfer = [(t, s, t.load(s)[:n[0]] if n and n[0] else limit(t.load(s)), *n[1:2]) for t, s, *n in transfer]
+
+  def validate(p):
+    with log.timed("validation"):
+      return evaluation.greedy_pass_at_1(engine, p, task, splits["validation"],
+                                          cfg.eval_sampling.max_new_tokens)
+
+  def evaluate(p, d, extra):
+    with log.timed("evaluation"):
+      return evaluate_stage(engine, p, task, splits, transfer, cfg, d, log, extra)
   human = human_examples(task, cfg.human_split, engine.vocab, cfg.max_len) \
       if cfg.include_human_data and cfg.human_split else None
 
@@ -281,20 +316,35 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
   if cfg.prm_filter:
     prm = (engine.model, evaluation.load_params(cfg.prm_filter, engine.model, engine.mesh,
                                                 init=reward.init_params))
-  base = base_policy(engine, cfg, task, sft, run_dir, validate, log)
-  rows = [dict(name="SFT (human data)" if cfg.human_split and not cfg.base_checkpoint else "base", iteration=0,
-               **evaluate(base, os.path.join(run_dir, "sft"), {}))]
-  log.mark("base evaluated")
-  policy, best_val, since_best = base, rows[0]["validation_pass_at_1"], 0
+  given = given_model(engine, cfg)
+  if given is None and not cfg.human_split:
+    raise ValueError("RestemConfig: no human_split and no hf_model_dir / base_checkpoint: nothing to start from")
+  if given is None and cfg.start_from == "base":
+    raise ValueError("RestemConfig.start_from='base' needs a given model (hf_model_dir or base_checkpoint)")
+  rows, start = [], None
+  if given is not None:
+    rows.append(dict(name="base", iteration=0, **evaluate(given, os.path.join(run_dir, "base"), {})))
+    log.mark("base evaluated")
+    start = given
+  if cfg.human_split:
+    with log.timed("sft"):
+      sft_params = sft_policy(engine, cfg, task, sft, run_dir, given, validate, log)
+    rows.append(dict(name="SFT (human data)", iteration=0, **evaluate(sft_params, os.path.join(run_dir, "sft"), {})))
+    log.mark("SFT evaluated")
+    if cfg.start_from == "sft":
+      start = sft_params
+  start_row = rows[-1] if start is not given else rows[0]
+  start_row["start"] = True
+  policy, best_val, since_best = start, start_row["validation_pass_at_1"], 0
   for it in range(1, cfg.num_iterations + 1):
     stage_dir = os.path.join(run_dir, f"iter_{it}")
     params = None
     if os.path.exists(os.path.join(stage_dir, "eval.json")):  # finished earlier: reuse
       m = read_json(os.path.join(stage_dir, "eval.json"))
     else:
-      init = base if cfg.m_step_init == "base" else policy
+      init = start if cfg.m_step_init == "base" else policy
       params, stats = iteration(it, engine, cfg, task, pool, policy, init, human, mstep, stage_dir,
-                                validate, log, prm)
+                                validate, log, prm, sample_pool)
       m = evaluate(params, stage_dir, stats)
     rows.append(dict(name=f"ReST^EM iter {it}", iteration=it, **m))
     log.mark(f"iteration {it} evaluated")
@@ -310,6 +360,6 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
       logging.info("validation has not improved for %d iteration(s): stopping", since_best)
       rows[-1]["stopped_early"] = True
       break
-  summary = report.write(run_dir, rows, cfg, wall_time_s=log.wall_time())
+  summary = report.write(run_dir, rows, cfg, wall_time_s=log.wall_time(), seconds=log.seconds())
   log.mark("done")
   return summary

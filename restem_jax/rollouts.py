@@ -147,10 +147,14 @@ def select(r: Rollouts, max_per_problem: int) -> np.ndarray:
   return keep
 
 
-def examples(r: Rollouts, keep: np.ndarray, eos_id: int, max_len: int) -> dict:
-  """The kept samples as a training set: prompt + sampled completion + EOS."""
+def examples(r: Rollouts, keep: np.ndarray, eos_id: int, max_len: int,
+             prompts: Sequence[Sequence[int]] | None = None) -> dict:
+  """The kept samples as a training set: prompt + sampled completion + EOS.
+  `prompts` (token ids per problem) replace the prompts they were sampled
+  with: sample with few-shot prompts, train on zero-shot ones."""
   idx = list(zip(*np.nonzero(keep)))
-  return training.pack_examples([r.prompt(i) for i, _ in idx], [r.completion(i, j) for i, j in idx],
+  prompt = (lambda i: list(prompts[i])) if prompts is not None else r.prompt  # noqa: E731
+  return training.pack_examples([prompt(i) for i, _ in idx], [r.completion(i, j) for i, j in idx],
                                 [float(r.rewards[i, j]) for i, j in idx], eos_id, max_len)
 
 

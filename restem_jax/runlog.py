@@ -2,6 +2,7 @@
 and atomic JSON files for the stages' results."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -36,7 +37,10 @@ class RunLog:
     self.run_dir = run_dir
     self._writer = multihost.is_writer()
     self._progress = os.path.join(run_dir, "progress.json")
-    self._before = read_json(self._progress)["wall_time_s"] if os.path.exists(self._progress) else 0.0
+    before = read_json(self._progress) if os.path.exists(self._progress) else {}
+    self._before = before.get("wall_time_s", 0.0)
+    self._seconds = dict(before.get("seconds", {}))  # per kind of work, across restarts
+    self._timing: list[list] = []  # open `timed` blocks: [kind, start]
     self._t0 = time.time()
     self._tb = None
     if self._writer:
@@ -50,7 +54,28 @@ class RunLog:
     return self._before + time.time() - self._t0
 
   def mark(self, stage: str) -> None:
-    write_json(self._progress, {"wall_time_s": self.wall_time(), "stage": stage})
+    write_json(self._progress, {"wall_time_s": self.wall_time(), "stage": stage, "seconds": self.seconds()})
+
+  def seconds(self) -> dict:
+    """Seconds spent in each kind of `timed` work so far (earlier runs included)."""
+    return {k: round(v, 1) for k, v in self._seconds.items()}
+
+  @contextlib.contextmanager
+  def timed(self, kind: str):
+    """Counts the block's time as `kind`; a nested block's time counts only as its own kind."""
+    now = time.time()
+    if self._timing:
+      outer = self._timing[-1]
+      self._seconds[outer[0]] = self._seconds.get(outer[0], 0.0) + now - outer[1]
+    self._timing.append([kind, now])
+    try:
+      yield
+    finally:
+      now = time.time()
+      k, start = self._timing.pop()
+      self._seconds[k] = self._seconds.get(k, 0.0) + now - start
+      if self._timing:
+        self._timing[-1][1] = now
 
   def __call__(self, stage: str, metrics: dict, step: int | None = None) -> None:
     if not self._writer:

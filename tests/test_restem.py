@@ -36,6 +36,7 @@ def _run(run_dir):
 def _strip_times(summary):
   s = json.loads(json.dumps(summary))
   s.pop("wall_time_s")
+  assert set(s.pop("time_split_s")) == {"sft", "validation", "evaluation", "e_step", "m_step"}
   return s
 
 
@@ -126,6 +127,7 @@ def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["restem_arith", "restem_arith_tiny", "restem_math", "restem_apps", "restem_gsm8k_smollm",
+                                  "restem_arith_smollm",
                                   "sft", "eval", "train_prm", "train_orm", "best_of_n", "train_prm_prm800k_smollm"])
 def test_gin_files_parse(name):
   import gin
@@ -182,3 +184,79 @@ def test_loop_runs_without_tensorflow(tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "iterations 1 seqio_task None" in r.stdout
+
+
+FROM_BASE = """
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
+import tasks
+from restem_jax import restem, model, training, sampling
+from tasks import arith
+sizes = (("human", 64), ("pool", 32), ("validation", 16), ("test", 16), ("test_ood", 8))
+task = tasks.get("arith", options=arith.ArithConfig(sizes=sizes))
+sample_task = dataclasses.replace(task, prompt="Q: {problem}=")  # the E-step's own prompt
+sc = sampling.SamplingConfig(num_samples=4, temperature=1.0, max_new_tokens=24)
+cfg = restem.RestemConfig(num_iterations=1, sampling=sc, eval_sampling=sc, pass_k=(1, 2), sample_batch_size=16,
+                          max_len=48, train_eval_size=16, workers=1, base_checkpoint=sys.argv[3],
+                          human_split="human", start_from="base")
+tc = training.TrainConfig(total_steps=6, warmup_steps=1, batch_size=8, eval_every=6, checkpoint_every=6)
+m = model.ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
+s = restem.run(sys.argv[2], cfg, m, tc, tc, task=task, transfer=[(task, "test_ood", 4)], sample_task=sample_task)
+print("SUMMARY", json.dumps(s))
+"""
+
+
+def test_restem_from_the_base_beside_sft_with_a_sampling_prompt(uninterrupted, tmp_path):
+  """A given model as the base, evaluated as a row; SFT on human data as a comparison
+  row; ReST^EM from the base, sampling with one prompt and training on another."""
+  tiny_dir, _ = uninterrupted
+  run_dir = tmp_path / "run"
+  r = subprocess.run([sys.executable, "-c", FROM_BASE, ROOT, str(run_dir), os.path.join(tiny_dir, "sft", "train")],
+                     env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  s = json.loads(r.stdout.split("SUMMARY ", 1)[1])
+  assert s["baseline"]["name"] == "base" and s["baseline"]["start"]
+  assert s["base_test_pass_at_1"] == s["baseline_test_pass_at_1"] == s["base"]["test_pass_at_1"]
+  assert s["sft_test_pass_at_1"] == s["sft"]["test_pass_at_1"] and s["sft"]["name"] == "SFT (human data)"
+  assert s["improvement_over_base_points"] == pytest.approx(100 * (s["best_test_pass_at_1"] - s["base_test_pass_at_1"]))
+  assert set(s["time_split_s"]) == {"evaluation", "sft", "validation", "e_step", "m_step"}
+  t = s["time_split_s"]  # the tiny model's validation and E-step can round to 0.0 s
+  assert min(t.values()) >= 0 and t["evaluation"] > 0 and sum(t.values()) <= s["wall_time_s"] + 0.5, t
+  assert "| base |" in (run_dir / "report.md").read_text() and "| SFT (human data) |" in (run_dir / "report.md").read_text()
+  # sampled with "Q: 3+4=", trained on "3+4=": kept.jsonl and the M-step data hold the training prompt
+  from restem_jax import rollouts, vocab
+  v = vocab.ByteVocabulary()
+  sampled = rollouts.load(str(run_dir / "iter_1" / "rollouts" / "batch_00000.npz"))
+  assert all(v.decode(sampled.prompt(i)).startswith("Q: ") for i in range(sampled.num_problems))
+  kept = [json.loads(line) for line in (run_dir / "iter_1" / "kept.jsonl").read_text().splitlines()]
+  assert kept, "no sample was kept: the test cannot check the training prompt"
+  for k in kept:
+    assert not k["prompt"].startswith("Q: ") and k["prompt_ids"] == v.encode(k["prompt"])
+
+
+def test_start_from_is_checked():
+  from restem_jax import restem
+  with pytest.raises(ValueError, match="start_from"):
+    restem.RestemConfig(start_from="scratch")
+
+
+def test_runlog_times_each_kind_of_work_across_restarts(tmp_path, monkeypatch):
+  from restem_jax import runlog
+  clock = [1000.0]
+  monkeypatch.setattr(runlog.time, "time", lambda: clock[0])
+  log = runlog.RunLog(str(tmp_path))
+  with log.timed("m_step"):
+    clock[0] += 10
+    with log.timed("validation"):  # inside the M-step: counts only as validation
+      clock[0] += 3
+    clock[0] += 2
+  with log.timed("evaluation"):
+    clock[0] += 5
+  assert log.seconds() == {"m_step": 12.0, "validation": 3.0, "evaluation": 5.0}
+  log.mark("evaluated")
+  log.close()
+  again = runlog.RunLog(str(tmp_path))  # a restarted run keeps counting
+  with again.timed("m_step"):
+    clock[0] += 1
+  assert again.seconds() == {"m_step": 13.0, "validation": 3.0, "evaluation": 5.0}
+  assert again.wall_time() == pytest.approx(20.0 + 1.0)
