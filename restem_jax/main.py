@@ -82,7 +82,7 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
   from restem_jax.checkpoints import absolute
   run_dir, data_dir = absolute(run_dir), absolute(data_dir)
   config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir),
-                               prm_filter=absolute(config.prm_filter))
+                               prm_filter=absolute(config.prm_filter), export_dir=absolute(config.export_dir))
   model, vocab = _setup(model, config.hf_model_dir)
   task = _task(config.task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
   transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab, allow_unisolated=allow_unisolated_code), *rest)

@@ -115,6 +115,14 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
     summary["sft_test_pass_at_1"] = named["SFT (human data)"]["test_pass_at_1"]
   if seconds:
     summary["time_split_s"] = dict(seconds)
+  stage = (f"iter_{best['iteration']}" if best["iteration"] > 0 and not best.get("m_step_skipped") else
+           "sft" if best.get("name", "").startswith("SFT") else "")
+  if stage:
+    summary["best_checkpoint"] = os.path.join(run_dir, stage, "train")
+  base = getattr(cfg, "hf_model_dir", "")
+  if base and stage:
+    summary["export_command"] = (f"python -m restem_jax.export --checkpoint {summary['best_checkpoint']} "
+                                 f"--base {base} --out {os.path.join(run_dir, 'export')}")
   summary.update(baseline=start, iterations=iters)
   for key, name in (("base", "base"), ("sft", "SFT (human data)")):  # every starting row
     if name in named:
@@ -129,6 +137,10 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
         f"{start['name']}; best iteration by validation: {best['iteration']} (test pass@1 "
         f"{100 * best['test_pass_at_1']:.1f} vs {100 * start['test_pass_at_1']:.1f}). "
         f"Wall time {wall_time_s:.0f} s.{split}\n")
+  if "best_checkpoint" in summary:
+    md += f"\nBest checkpoint: `{summary['best_checkpoint']}`.\n"
+  if "export_command" in summary:
+    md += f"Export it as a Hugging Face folder:\n\n```bash\n{summary['export_command']}\n```\n"
   pngs = plots(run_dir, rows, cfg)
   md += "".join(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in pngs)
   with open(os.path.join(run_dir, "report.md"), "w") as f:

@@ -62,6 +62,7 @@ class RestemConfig:
   m_step_init: str = "base"  # "base" (paper) or "last" (continue from the last iterate)
   include_human_data: bool = False  # train on the human solutions too
   mstep_epochs: float = 0.0  # > 0: M-step steps = epochs * examples / batch (else TrainConfig)
+  mstep_min_steps: int = 0  # with mstep_epochs: at least this many steps (small kept sets get more epochs)
   max_len: int = 128  # training sequence length (prompt + completion + EOS)
   # evaluation: pass@k / maj@k from eval_sampling's samples of each test problem; greedy
   # evaluation and validation decode up to eval_sampling.max_new_tokens too
@@ -78,6 +79,12 @@ class RestemConfig:
   # training folder, gin/train_prm.gin) is below prm_threshold before selection
   prm_filter: str = ""
   prm_threshold: float = 0.5
+  # keep only samples whose every step checks as well (tasks with a step_checker, e.g.
+  # arith): exact process supervision in the E-step; evaluation still grades answers
+  require_correct_steps: bool = False
+  # a Hugging Face folder to write the best policy (by validation) to at the end
+  # (`restem_jax.export`; needs hf_model_dir for the architecture and tokenizer)
+  export_dir: str = ""
 
   def __post_init__(self):
     if self.start_from not in ("sft", "base"):
@@ -134,6 +141,19 @@ def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len
   return dataclasses.replace(r, rewards=np.where(drop, 0.0, r.rewards).astype(r.rewards.dtype)), stats
 
 
+def step_filter(r: rollouts.Rollouts, task, vocab) -> tuple[rollouts.Rollouts, dict]:
+  """`r` with the rewards of answer-correct samples that hold a wrong step (by the
+  task's `step_checker`) set to 0."""
+  if task.step_checker is None:
+    raise ValueError(f"RestemConfig.require_correct_steps: task {task.name} has no step_checker")
+  texts = r.texts(vocab, task.stop)
+  ok = np.array([[bool(c) and all(c) for c in map(task.step_checker, row)] for row in texts]).reshape(r.rewards.shape)
+  drop = (r.rewards > 0) & ~ok
+  return dataclasses.replace(r, rewards=np.where(drop, 0.0, r.rewards).astype(r.rewards.dtype)), dict(
+      step_filter_dropped=int(drop.sum()),
+      step_filter_dropped_fraction_of_correct=float(drop.sum() / max(1, (r.rewards > 0).sum())))
+
+
 def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_problem: int,
          path: str, prompt_ids: list | None = None) -> tuple[np.ndarray, dict]:
   """Selects the kept samples, writes them to `path` (JSONL: text and token ids), returns (mask, stats).
@@ -159,13 +179,13 @@ def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_proble
 
 
 def m_step(engine: evaluation.Engine, tc: training.TrainConfig, data: dict, stage_dir: str,
-           init_params, validate, log: RunLog, epochs: float = 0.0):
-  """Fine-tunes from init_params (resumable); epochs > 0 sets the step count from the data size.
-  Returns (best params by `validate`, best score)."""
+           init_params, validate, log: RunLog, epochs: float = 0.0, min_steps: int = 0):
+  """Fine-tunes from init_params (resumable); epochs > 0 sets the step count from the data
+  size (at least `min_steps`).  Returns (best params by `validate`, best score)."""
   from tqdm.auto import tqdm
   data = training.prepare(data, tc)  # packed rows: an epoch counts rows
   if epochs > 0:
-    steps = int(np.ceil(epochs * len(data["reward"]) / tc.batch_size))
+    steps = max(int(np.ceil(epochs * len(data["reward"]) / tc.batch_size)), min_steps)
     tc = dataclasses.replace(tc, total_steps=max(steps, tc.warmup_steps + 1),
                              eval_every=max(1, min(tc.eval_every, steps // 2 or 1)))
   stage = os.path.basename(stage_dir.rstrip("/"))
@@ -276,6 +296,9 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   filtered = {}
   if prm is not None:
     r, filtered = prm_filter(r, prm, task, engine.vocab, cfg.prm_threshold, cfg.max_len)
+  if cfg.require_correct_steps:
+    r, dropped = step_filter(r, task, engine.vocab)
+    filtered.update(dropped)
   mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path, train_ids)
   stats.update(filtered)
   stats["seqio_task"] = _register_kept(f"{task.name}_restem_iter{it}", kept_path, engine.vocab)
@@ -288,7 +311,8 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
                     "policy stays as it was; sample more or start from a stronger base", it, len(pool))
     return policy, dict(stats, m_step_skipped=True)
   with log.timed("m_step"):
-    params, _ = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs)
+    params, _ = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs,
+                       cfg.mstep_min_steps)
   return params, stats
 
 
@@ -319,6 +343,8 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
   given = given_model(engine, cfg)
   if given is None and not cfg.human_split:
     raise ValueError("RestemConfig: no human_split and no hf_model_dir / base_checkpoint: nothing to start from")
+  if cfg.export_dir and not cfg.hf_model_dir:
+    raise ValueError("RestemConfig.export_dir needs hf_model_dir (the architecture and tokenizer to export with)")
   if given is None and cfg.start_from == "base":
     raise ValueError("RestemConfig.start_from='base' needs a given model (hf_model_dir or base_checkpoint)")
   rows, start = [], None
@@ -361,5 +387,13 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
       rows[-1]["stopped_early"] = True
       break
   summary = report.write(run_dir, rows, cfg, wall_time_s=log.wall_time(), seconds=log.seconds())
+  if cfg.export_dir:
+    from restem_jax import export
+    best = summary["best_iteration"]
+    params = policy if best == rows[-1]["iteration"] and best > 0 else \
+        start if best == 0 else evaluation.load_params(os.path.join(run_dir, f"iter_{best}", "train"),
+                                                       engine.model, engine.mesh)
+    summary["exported"] = export.to_hf_folder(params, engine.model, cfg.export_dir, cfg.hf_model_dir)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
   log.mark("done")
   return summary

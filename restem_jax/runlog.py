@@ -41,6 +41,7 @@ class RunLog:
     self._before = before.get("wall_time_s", 0.0)
     self._seconds = dict(before.get("seconds", {}))  # per kind of work, across restarts
     self._timing: list[list] = []  # open `timed` blocks: [kind, start]
+    self._stage = before.get("stage", "")
     self._t0 = time.time()
     self._tb = None
     if self._writer:
@@ -54,11 +55,18 @@ class RunLog:
     return self._before + time.time() - self._t0
 
   def mark(self, stage: str) -> None:
+    """Records the stage reached, with the time so far (also done by every logged row,
+    so a run killed between marks loses at most the time since its last row)."""
+    self._stage = stage
     write_json(self._progress, {"wall_time_s": self.wall_time(), "stage": stage, "seconds": self.seconds()})
 
   def seconds(self) -> dict:
-    """Seconds spent in each kind of `timed` work so far (earlier runs included)."""
-    return {k: round(v, 1) for k, v in self._seconds.items()}
+    """Seconds spent in each kind of `timed` work so far (earlier runs and the open block included)."""
+    out = dict(self._seconds)
+    if self._timing:
+      kind, start = self._timing[-1]
+      out[kind] = out.get(kind, 0.0) + time.time() - start
+    return {k: round(v, 1) for k, v in out.items()}
 
   @contextlib.contextmanager
   def timed(self, kind: str):
@@ -84,6 +92,7 @@ class RunLog:
                **metrics)
     with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
+    self.mark(self._stage)
     if self._tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -150,6 +150,99 @@ def test_math_and_apps_runs_with_the_real_model(gin_name, task, tmp_path, shared
   assert os.path.exists(tmp_path / "run" / "iter_1" / "rollouts" / "batch_00000.npz")
 
 
+@pytest.fixture(scope="module")
+def arith_run(tmp_path_factory):
+  """gin/restem_arith_smollm.gin as written, on a few problems, exporting its best
+  policy at the end: (run folder, summary)."""
+  import subprocess
+  import sys
+  tmp = tmp_path_factory.mktemp("arith_smollm")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  small = ["POOL_PROBLEMS = 4", "RestemConfig.eval_limit = 2", "RestemConfig.train_eval_size = 2",
+           "ITERATIONS = 1", "RestemConfig.sample_batch_size = 4", "RestemConfig.pass_k = (1, 2)",
+           "RestemConfig.transfer = (('arith', 'test_ood', 2, 0),)", "SAMPLES = 2",
+           "estep/SamplingConfig.max_new_tokens = 8", "eval/SamplingConfig.num_samples = 2",
+           "eval/SamplingConfig.max_new_tokens = 8", "sft/TrainConfig.total_steps = 2",
+           "sft/TrainConfig.batch_size = 2", "mstep/TrainConfig.batch_size = 2", "RestemConfig.mstep_epochs = 0.0",
+           "mstep/TrainConfig.total_steps = 2", "RestemConfig.include_human_data = True",  # an M-step, kept or not
+           f"RestemConfig.export_dir = '{tmp / 'exported'}'"]
+  cmd = [sys.executable, "-m", "restem_jax.main", "--gin_file=gin/restem_arith_smollm.gin",
+         f"--gin.RUN_DIR='{tmp / 'run'}'"] + [f"--gin_bindings={b}" for b in small]
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(tmp / "run" / "summary.json") as f:
+    return tmp / "run", json.load(f)
+
+
+def test_arith_run_file_samples_with_shots_and_reports_base_and_sft(arith_run):
+  """One iteration from the base, whose E-step prompts carry the 3 shots and whose
+  M-step trains behind the zero-shot prompt; the base and SFT rows; the export."""
+  run, summary = arith_run
+  assert summary["baseline"]["name"] == "base" and len(summary["iterations"]) == 1
+  for key in ("base_test_pass_at_1", "sft_test_pass_at_1", "best_test_pass_at_1", "wall_time_s", "time_split_s"):
+    assert key in summary, key
+  from restem_jax import rollouts
+  v = vocab.HFTokenizerVocabulary(PATH)
+  sampled = rollouts.load(str(run / "iter_1" / "rollouts" / "batch_00000.npz"))
+  for i in range(sampled.num_problems):  # 3 worked `human` solutions as chat turns, then the problem
+    assert v.decode(sampled.prompt(i)).count("<|im_start|>user") == 4
+  zero_shot = tasks.chat(tasks.get("arith"), v, tasks.ChatFormat(
+      instruction="\nGive the final answer on its own line as: #### <number>")).load("pool")
+  for line in (run / "iter_1" / "kept.jsonl").read_text().splitlines():
+    k = json.loads(line)  # what the M-step trains on: the zero-shot prompt
+    assert k["prompt"] == zero_shot[int(k["id"].rsplit("/", 1)[1])]["prompt"]
+  assert summary["exported"] == str(run.parent / "exported")  # RestemConfig.export_dir
+  assert summary["best_checkpoint"] == str(run / "iter_1" / "train")
+  assert f"--checkpoint {run / 'iter_1' / 'train'}" in (run / "report.md").read_text()
+
+
+def test_exported_m_step_policy_loads_in_transformers_and_evaluates_the_same(arith_run, tmp_path):
+  """SmolLM2 after M-step updates: the exported folder gives our logits in
+  transformers, 32 identical greedy tokens, and the same greedy answers through
+  `evaluate`; a q8_0 GGUF export reads back in transformers and in our loader."""
+  import jax
+  import torch
+  import transformers
+  from restem_jax import evaluation, export
+  run, summary = arith_run
+  cfg = hf.load_config(PATH)
+  params = evaluation.load_params(summary["best_checkpoint"], cfg)
+  _, base = hf.load(PATH)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base)))
+  assert moved > 1e-6, "the M-step did not change the weights"
+  out = summary["exported"]
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  v = vocab.HFTokenizerVocabulary(out)
+  task = tasks.chat(tasks.get("arith"), v, tasks.ChatFormat(
+      instruction="\nGive the final answer on its own line as: #### <number>"))
+  ids = v.encode(task.load("test")[0]["prompt"])
+  with torch.no_grad():
+    want = theirs(torch.tensor([ids])).logits[0].numpy()
+  assert_close(np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0]), want, PARITY_ULPS)
+  theirs.generation_config.eos_token_id = None
+  with torch.no_grad():
+    ref = theirs.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+  ours = sampling.sample(cfg, params, [ids], sampling.SamplingConfig(max_new_tokens=32), eos_id=-1, batch_size=1)
+  assert_same_greedy(ours.tokens[0, 0], ref.sequences.numpy()[0, len(ids):], [x[0].numpy() for x in ref.logits],
+                     PARITY_ULPS)
+  a = evaluation.evaluate(summary["best_checkpoint"], task, model=cfg, vocab=v, split="test", limit=8,
+                          max_new_tokens=40)
+  b = evaluation.evaluate(out, task, model=cfg, vocab=v, split="test", limit=8, max_new_tokens=40)
+  assert a["completion"].tolist() == b["completion"].tolist()
+  assert a.attrs["summary"] == b.attrs["summary"]
+  q8 = export.export(summary["best_checkpoint"], gguf_out=str(tmp_path / "m.gguf"), base=PATH,
+                     gguf_type="q8_0")["gguf"]
+  cfg_q, params_q = hf.load(q8)
+  assert cfg_q == cfg
+  theirs_q = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
+                                                               dtype=torch.float32).eval()
+  with torch.no_grad():
+    want_q = theirs_q(torch.tensor([ids])).logits[0].numpy()
+  assert_close(np.asarray(model.apply(cfg, params_q, jnp.asarray([ids]))[0][0]), want_q, PARITY_ULPS)
+
+
 def test_broken_gguf_files_are_named(tmp_path):
   """A truncated download fails with the file (and the tensor past its end) named."""
   with open(PATH, "rb") as f:

@@ -260,3 +260,30 @@ def test_runlog_times_each_kind_of_work_across_restarts(tmp_path, monkeypatch):
     clock[0] += 1
   assert again.seconds() == {"m_step": 13.0, "validation": 3.0, "evaluation": 5.0}
   assert again.wall_time() == pytest.approx(20.0 + 1.0)
+  with again.timed("m_step"):  # killed inside a block, with no mark since: its logged rows keep the time
+    clock[0] += 4
+    again("m_step", {"loss": 1.0}, step=1)
+    clock[0] += 100  # lost: after the last row
+  third = runlog.RunLog(str(tmp_path))
+  assert third.wall_time() == pytest.approx(20.0 + 1.0 + 4.0)
+  assert third.seconds()["m_step"] == 13.0 + 4.0
+
+
+def test_step_filter_drops_right_answers_with_a_wrong_step():
+  """`require_correct_steps`: a right answer reached through a wrong step is not kept."""
+  import tasks
+  from restem_jax import restem, rollouts, vocab
+  v = vocab.ByteVocabulary()
+  texts = [["3+4=7;7*2=14\n#### 14", "3+4=8;8*2=14\n#### 14", "3+4=7;7*2=15\n#### 15", "#### 14"]]
+  ids = [[v.encode(t) for t in row] for row in texts]
+  width = max(len(t) for row in ids for t in row)
+  tokens = np.array([[t + [0] * (width - len(t)) for t in row] for row in ids], np.int32)
+  r = rollouts.Rollouts(np.array(["p0"]), np.array([v.encode("3+4*2=")], np.int32), np.array([6], np.int32),
+                        tokens, np.array([[len(t) for t in ids[0]]], np.int32), np.zeros(tokens.shape, np.float32),
+                        np.array([[1.0, 1.0, 0.0, 1.0]], np.float32), np.full((1, 4), "passed"),
+                        np.array([["14", "14", "15", "14"]]))
+  got, stats = restem.step_filter(r, tasks.get("arith"), v)
+  assert got.rewards.tolist() == [[1.0, 0.0, 0.0, 0.0]]  # 3+4=8 is wrong; no steps at all is not a solution
+  assert stats == {"step_filter_dropped": 2, "step_filter_dropped_fraction_of_correct": 2 / 3}
+  with pytest.raises(ValueError, match="has no step_checker"):
+    restem.step_filter(r, tasks.get("gsm8k"), v)
