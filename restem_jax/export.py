@@ -267,7 +267,8 @@ def to_gguf(params, cfg: model_lib.ModelConfig, out_path: str, base: str, file_t
     return out_path
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   w = gg.GGUFWriter(out_path, arch)
-  w.add_name(os.path.splitext(os.path.basename(out_path))[0])
+  # no general.name: transformers' GGUF loader takes a "llama" file whose name says "mistral" for a
+  # Mistral architecture it cannot load
   w.add_context_length(int(conf.get("max_position_embeddings", 2048)))
   w.add_embedding_length(cfg.d_model)
   w.add_block_count(cfg.num_layers)

@@ -109,8 +109,9 @@ def config(path: str) -> dict:
       "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads,
       "num_key_value_heads": int(get("attention.head_count_kv", heads)),
       "head_dim": int(get("rope.dimension_count", d // heads)),
-      "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-      "rope_theta": float(get("rope.freq_base", 10000.0)),
+      # float32 fields, as the shortest decimals that round to them (1e-06, not 9.99999997e-07)
+      "rms_norm_eps": float(str(np.float32(get("attention.layer_norm_rms_epsilon", 1e-6)))),
+      "rope_theta": float(str(np.float32(get("rope.freq_base", 10000.0)))),
       "max_position_embeddings": int(get("context_length", 2048)),
       "tie_word_embeddings": "output.weight" not in names,
       "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),

@@ -185,8 +185,9 @@ def test_arith_run_file_samples_with_shots_and_reports_base_and_sft(arith_run):
   from restem_jax import rollouts
   v = vocab.HFTokenizerVocabulary(PATH)
   sampled = rollouts.load(str(run / "iter_1" / "rollouts" / "batch_00000.npz"))
-  for i in range(sampled.num_problems):  # 3 worked `human` solutions as chat turns, then the problem
-    assert v.decode(sampled.prompt(i)).count("<|im_start|>user") == 4
+  (start,) = v.encode("<|im_start|>")
+  for i in range(sampled.num_problems):  # system, 3 worked `human` solutions as turns, the problem, assistant
+    assert sampled.prompt(i).count(start) == 1 + 2 * 3 + 2
   zero_shot = tasks.chat(tasks.get("arith"), v, tasks.ChatFormat(
       instruction="\nGive the final answer on its own line as: #### <number>")).load("pool")
   for line in (run / "iter_1" / "kept.jsonl").read_text().splitlines():
@@ -205,11 +206,14 @@ def test_exported_m_step_policy_loads_in_transformers_and_evaluates_the_same(ari
   import torch
   import transformers
   from restem_jax import evaluation, export
+  from restem_jax import partitioning
   run, summary = arith_run
   cfg = hf.load_config(PATH)
-  params = evaluation.load_params(summary["best_checkpoint"], cfg)
-  _, base = hf.load(PATH)
+  one = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one copy of each model in memory
+  params = evaluation.load_params(summary["best_checkpoint"], cfg, one)
+  base = hf.load_params(PATH, cfg, one)
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base)))
+  del base
   assert moved > 1e-6, "the M-step did not change the weights"
   out = summary["exported"]
   theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -228,13 +232,14 @@ def test_exported_m_step_policy_loads_in_transformers_and_evaluates_the_same(ari
   assert_same_greedy(ours.tokens[0, 0], ref.sequences.numpy()[0, len(ids):], [x[0].numpy() for x in ref.logits],
                      PARITY_ULPS)
   a = evaluation.evaluate(summary["best_checkpoint"], task, model=cfg, vocab=v, split="test", limit=8,
-                          max_new_tokens=40)
-  b = evaluation.evaluate(out, task, model=cfg, vocab=v, split="test", limit=8, max_new_tokens=40)
+                          max_new_tokens=40, mesh=one)
+  b = evaluation.evaluate(out, task, model=cfg, vocab=v, split="test", limit=8, max_new_tokens=40, mesh=one)
   assert a["completion"].tolist() == b["completion"].tolist()
   assert a.attrs["summary"] == b.attrs["summary"]
   q8 = export.export(summary["best_checkpoint"], gguf_out=str(tmp_path / "m.gguf"), base=PATH,
                      gguf_type="q8_0")["gguf"]
-  cfg_q, params_q = hf.load(q8)
+  del theirs
+  cfg_q, params_q = hf.load(q8, mesh=one)
   assert cfg_q == cfg
   theirs_q = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
                                                                dtype=torch.float32).eval()
