@@ -12,6 +12,9 @@ import tasks
 from conftest import assert_close, assert_same_greedy
 from restem_jax import gguf, hf, model, sampling, vocab
 
+# one worker runs this module: two SmolLM2 runs side by side (6-7 GB each, besides the workers'
+# own copies) ran a 24 GB machine out of memory in a fresh clone
+pytestmark = pytest.mark.xdist_group("real_model")
 PATH = gguf.smollm2_path()  # fails (does not skip) when the model is not installed
 # float32 logits of SmolLM2 (30 layers) from PyTorch's kernels and XLA's: the residual stream
 # carries each layer's rounding (a few eps of its scale from each of ~10 reductions) and these
