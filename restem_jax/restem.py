@@ -57,6 +57,10 @@ class RestemConfig:
   # E-step (paper: 32 samples for MATH, 64 for APPS; temperature 0.7; top-k 40; <= 10 kept).
   sampling: SamplingConfig = SamplingConfig(num_samples=32, temperature=0.7, top_k=40)
   max_per_problem: int = 10
+  # with a sampling prompt of its own (restem_main.sample_chat, e.g. few-shot): the first N
+  # iterations sample with it, later ones with the training prompt, which the policy is by
+  # then fine-tuned on (0: every iteration)
+  sample_prompt_iterations: int = 0
   sample_batch_size: int = 64  # prompts per sampler call (and per E-step batch file)
   # M-step
   m_step_init: str = "base"  # "base" (paper) or "last" (continue from the last iterate)
@@ -369,8 +373,9 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
       m = read_json(os.path.join(stage_dir, "eval.json"))
     else:
       init = start if cfg.m_step_init == "base" else policy
+      own = sample_pool if not cfg.sample_prompt_iterations or it <= cfg.sample_prompt_iterations else None
       params, stats = iteration(it, engine, cfg, task, pool, policy, init, human, mstep, stage_dir,
-                                validate, log, prm, sample_pool)
+                                validate, log, prm, own)
       m = evaluate(params, stage_dir, stats)
     rows.append(dict(name=f"ReST^EM iter {it}", iteration=it, **m))
     log.mark(f"iteration {it} evaluated")

@@ -31,7 +31,9 @@ TINY = os.path.join(ROOT, "gin", "restem_arith_tiny.gin")
 
 
 def _bindings(run_dir, base):
+  # the given model is the start: no SFT on human data (human_split '')
   return [f"--gin.RUN_DIR='{run_dir}'", f"--gin.RestemConfig.base_checkpoint='{base}'",
+          "--gin.RestemConfig.human_split=''",
           "--gin.mstep/TrainConfig.checkpoint_every=4"]  # saves mid-M-step to resume from
 
 
@@ -45,6 +47,9 @@ def _summary(run_dir):
   with open(os.path.join(run_dir, "summary.json")) as f:
     s = json.load(f)
   s.pop("wall_time_s")
+  s.pop("time_split_s")
+  if "best_checkpoint" in s:  # the same checkpoint, under each run's own folder
+    s["best_checkpoint"] = os.path.relpath(s["best_checkpoint"], run_dir)
   return s
 
 

@@ -37,6 +37,8 @@ def _strip_times(summary):
   s = json.loads(json.dumps(summary))
   s.pop("wall_time_s")
   assert set(s.pop("time_split_s")) == {"sft", "validation", "evaluation", "e_step", "m_step"}
+  if "best_checkpoint" in s:  # under each run's own folder
+    s["best_checkpoint"] = s["best_checkpoint"].split(os.sep)[-2:]
   return s
 
 
@@ -196,9 +198,9 @@ sizes = (("human", 64), ("pool", 32), ("validation", 16), ("test", 16), ("test_o
 task = tasks.get("arith", options=arith.ArithConfig(sizes=sizes))
 sample_task = dataclasses.replace(task, prompt="Q: {problem}=")  # the E-step's own prompt
 sc = sampling.SamplingConfig(num_samples=4, temperature=1.0, max_new_tokens=24)
-cfg = restem.RestemConfig(num_iterations=1, sampling=sc, eval_sampling=sc, pass_k=(1, 2), sample_batch_size=16,
+cfg = restem.RestemConfig(num_iterations=2, sampling=sc, eval_sampling=sc, pass_k=(1, 2), sample_batch_size=16,
                           max_len=48, train_eval_size=16, workers=1, base_checkpoint=sys.argv[3],
-                          human_split="human", start_from="base")
+                          human_split="human", start_from="base", sample_prompt_iterations=1, patience=2)
 tc = training.TrainConfig(total_steps=6, warmup_steps=1, batch_size=8, eval_every=6, checkpoint_every=6)
 m = model.ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
 s = restem.run(sys.argv[2], cfg, m, tc, tc, task=task, transfer=[(task, "test_ood", 4)], sample_task=sample_task)
@@ -208,7 +210,8 @@ print("SUMMARY", json.dumps(s))
 
 def test_restem_from_the_base_beside_sft_with_a_sampling_prompt(uninterrupted, tmp_path):
   """A given model as the base, evaluated as a row; SFT on human data as a comparison
-  row; ReST^EM from the base, sampling with one prompt and training on another."""
+  row; ReST^EM from the base, sampling with one prompt and training on another in
+  iteration 1, and with the training prompt in iteration 2 (sample_prompt_iterations)."""
   tiny_dir, _ = uninterrupted
   run_dir = tmp_path / "run"
   r = subprocess.run([sys.executable, "-c", FROM_BASE, ROOT, str(run_dir), os.path.join(tiny_dir, "sft", "train")],
@@ -232,6 +235,10 @@ def test_restem_from_the_base_beside_sft_with_a_sampling_prompt(uninterrupted, t
   assert kept, "no sample was kept: the test cannot check the training prompt"
   for k in kept:
     assert not k["prompt"].startswith("Q: ") and k["prompt_ids"] == v.encode(k["prompt"])
+  assert len(s["iterations"]) == 2
+  second = rollouts.load(str(run_dir / "iter_2" / "rollouts" / "batch_00000.npz"))
+  assert [v.decode(second.prompt(i)) for i in range(second.num_problems)] == \
+      [v.decode(sampled.prompt(i))[len("Q: "):] for i in range(sampled.num_problems)]
 
 
 def test_start_from_is_checked():
