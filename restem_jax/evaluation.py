@@ -126,13 +126,16 @@ def greedy_pass_at_1(engine: Engine, params, task, records, max_new_tokens: int)
 
 def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequence, *,
                    max_new_tokens: int, sc: sampling.SamplingConfig, ks: Sequence[int],
-                   seed: int = 0) -> dict:
+                   seed: int = 0, known: dict | None = None) -> dict:
   """What the report shows of a policy: greedy pass@1 on `splits` (name ->
   records; "train" and "test" give the train-test gap), on each transfer
   (task, split, records[, its max_new_tokens]), and pass@k / maj@k of `sc`
-  samples on the test split.  Greedy decoding stops at `max_new_tokens`."""
-  m = {f"{name}_pass_at_1": greedy_pass_at_1(engine, params, task, recs, max_new_tokens)
-       for name, recs in splits.items()}
+  samples on the test split.  Greedy decoding stops at `max_new_tokens`.
+  `known`: split name -> its greedy pass@1, already measured the same way (the
+  M-step's validation of the parameters it chose), not decoded again."""
+  known = known or {}
+  m = {f"{name}_pass_at_1": known[name] if name in known else
+       greedy_pass_at_1(engine, params, task, recs, max_new_tokens) for name, recs in splits.items()}
   if "train" in splits and "test" in splits:
     m["train_test_gap"] = m["train_pass_at_1"] - m["test_pass_at_1"]
   for t, split, recs, *n in transfer:

@@ -205,15 +205,18 @@ def m_step(engine: evaluation.Engine, tc: training.TrainConfig, data: dict, stag
 
 
 def evaluate_stage(engine, params, task, splits: dict, transfer: list, cfg: RestemConfig,
-                   stage_dir: str, log: RunLog, extra: dict) -> dict:
-  """The policy's metrics (evaluation.policy_metrics) plus `extra`, cached in stage_dir/eval.json."""
+                   stage_dir: str, log: RunLog, extra: dict, validation: float | None = None) -> dict:
+  """The policy's metrics (evaluation.policy_metrics) plus `extra`, cached in
+  stage_dir/eval.json.  `validation`: the policy's validation pass@1 where the
+  M-step already measured it (it chose these parameters by it)."""
   path = os.path.join(stage_dir, "eval.json")
   if os.path.exists(path):
     return read_json(path)
   os.makedirs(stage_dir, exist_ok=True)
   m = dict(extra, **evaluation.policy_metrics(
       engine, params, task, splits, transfer, max_new_tokens=cfg.eval_sampling.max_new_tokens,
-      sc=cfg.eval_sampling, ks=cfg.pass_k, seed=cfg.seed + 17))
+      sc=cfg.eval_sampling, ks=cfg.pass_k, seed=cfg.seed + 17,
+      known={} if validation is None else {"validation": validation}))
   write_json(path, m)
   log(os.path.basename(stage_dir), {k: v for k, v in m.items() if isinstance(v, (int, float))})
   return m
@@ -231,15 +234,17 @@ def given_model(engine, cfg: RestemConfig):
 
 def sft_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_dir: str, init,
                validate, log: RunLog):
-  """SFT on the human split (the paper's baseline) from `init` (None: random), resumable."""
+  """SFT on the human split (the paper's baseline) from `init` (None: random),
+  resumable: (parameters, their validation pass@1)."""
   stage_dir = os.path.join(run_dir, "sft")
   done = os.path.join(stage_dir, "done.json")
   if os.path.exists(done):
-    return evaluation.load_params(os.path.join(stage_dir, "train"), engine.model, engine.mesh)
+    return (evaluation.load_params(os.path.join(stage_dir, "train"), engine.model, engine.mesh),
+            read_json(done)["validation"])
   data = human_examples(task, cfg.human_split, engine.vocab, cfg.max_len)
   params, score = m_step(engine, sft, data, stage_dir, init, validate, log)
   write_json(done, {"validation": score, "examples": len(data["reward"])})
-  return params
+  return params, score
 
 
 def _register_kept(name: str, path: str, vocab) -> str | None:
@@ -291,7 +296,8 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   """One ReST^EM iteration: E-step with `policy` on `sample_pool` (the pool's
   problems with the sampling prompts; default `pool`), PRM-filtered with `prm`,
   select, M-step from `init` on the kept completions behind `pool`'s prompts.
-  Returns (the M-step's best parameters, the E-step's statistics)."""
+  Returns (the M-step's best parameters, the E-step's statistics, their
+  validation pass@1, None where there was no M-step)."""
   with log.timed("e_step"):
     r = e_step(engine, policy, task, sample_pool or pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
                jax.random.fold_in(jax.random.key(cfg.seed), it))
@@ -313,11 +319,11 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   if not len(data["reward"]):
     logging.warning("iteration %d: no sample was kept (0 of %d problems solved): no M-step, the "
                     "policy stays as it was; sample more or start from a stronger base", it, len(pool))
-    return policy, dict(stats, m_step_skipped=True)
+    return policy, dict(stats, m_step_skipped=True), None
   with log.timed("m_step"):
-    params, _ = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs,
-                       cfg.mstep_min_steps)
-  return params, stats
+    params, score = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs,
+                           cfg.mstep_min_steps)
+  return params, stats, score
 
 
 def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: RunLog,
@@ -334,9 +340,9 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
       return evaluation.greedy_pass_at_1(engine, p, task, splits["validation"],
                                           cfg.eval_sampling.max_new_tokens)
 
-  def evaluate(p, d, extra):
+  def evaluate(p, d, extra, validation=None):
     with log.timed("evaluation"):
-      return evaluate_stage(engine, p, task, splits, transfer, cfg, d, log, extra)
+      return evaluate_stage(engine, p, task, splits, transfer, cfg, d, log, extra, validation)
   human = human_examples(task, cfg.human_split, engine.vocab, cfg.max_len) \
       if cfg.include_human_data and cfg.human_split else None
 
@@ -358,8 +364,9 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
     start = given
   if cfg.human_split:
     with log.timed("sft"):
-      sft_params = sft_policy(engine, cfg, task, sft, run_dir, given, validate, log)
-    rows.append(dict(name="SFT (human data)", iteration=0, **evaluate(sft_params, os.path.join(run_dir, "sft"), {})))
+      sft_params, sft_validation = sft_policy(engine, cfg, task, sft, run_dir, given, validate, log)
+    rows.append(dict(name="SFT (human data)", iteration=0,
+                     **evaluate(sft_params, os.path.join(run_dir, "sft"), {}, sft_validation)))
     log.mark("SFT evaluated")
     if cfg.start_from == "sft":
       start = sft_params
@@ -374,9 +381,9 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
     else:
       init = start if cfg.m_step_init == "base" else policy
       own = sample_pool if not cfg.sample_prompt_iterations or it <= cfg.sample_prompt_iterations else None
-      params, stats = iteration(it, engine, cfg, task, pool, policy, init, human, mstep, stage_dir,
-                                validate, log, prm, own)
-      m = evaluate(params, stage_dir, stats)
+      params, stats, validation = iteration(it, engine, cfg, task, pool, policy, init, human, mstep, stage_dir,
+                                            validate, log, prm, own)
+      m = evaluate(params, stage_dir, stats, validation)
     rows.append(dict(name=f"ReST^EM iter {it}", iteration=it, **m))
     log.mark(f"iteration {it} evaluated")
     if m["validation_pass_at_1"] > best_val:

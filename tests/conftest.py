@@ -59,6 +59,22 @@ def assert_same_greedy(got, want, want_logits, ulps: float, dtype=np.float32):
       return
 
 
+def assert_greedy_like_transformers(theirs, cfg, params, prompt: list[int], ulps: float, n: int = 32):
+  """`n` greedy tokens of ours after `prompt` (no EOS) are transformers model
+  `theirs`'s, up to a tie (assert_same_greedy)."""
+  import torch
+  from restem_jax import sampling
+  theirs.generation_config.eos_token_id = None
+  theirs.generation_config.pad_token_id = 0
+  with torch.no_grad():
+    ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+  ours = sampling.sample(cfg, params, [list(prompt)], sampling.SamplingConfig(max_new_tokens=n), eos_id=-1,
+                         batch_size=1)
+  assert_same_greedy(ours.tokens[0, 0], ref.sequences.numpy()[0, len(prompt):], [x[0].numpy() for x in ref.logits],
+                     ulps)
+
+
 SHARED_DATA = os.environ.get(
     "RESTEM_DATA_DIR",
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))

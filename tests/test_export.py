@@ -3,6 +3,8 @@ and through our own loader, for tiny random Llama / Qwen2 / Mistral models whose
 weights were changed after import.  SmolLM2 after an M-step: tests/test_real_model.py."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_close, assert_same_greedy, make_bpe_vocab
-from restem_jax import export, hf, model, reward, sampling
+from conftest import ROOT, assert_close, assert_greedy_like_transformers, make_bpe_vocab, subprocess_env
+from restem_jax import export, hf, model, reward
 
 # float32 logits of a 2-layer model from PyTorch's kernels and XLA's (as tests/test_hf_parity.py):
 # ~20 sequential reductions of <= 96 terms, each ~sqrt(96) eps of its scale: 256 eps of the largest logit.
@@ -35,17 +37,23 @@ def _perturbed(params, scale=0.05, seed=3):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def tiny(request, tmp_path_factory):
-  """(name, base folder, config, params changed after import)."""
-  cfg_cls, model_cls, extra = CASES[request.param]
-  d = tmp_path_factory.mktemp(request.param)
-  v = make_bpe_vocab(d)  # a real byte-level BPE tokenizer in the base folder
+def _base_folder(name, d):
+  """A tiny random `name` model saved by transformers in folder d, with a real
+  byte-level BPE tokenizer."""
+  cfg_cls, model_cls, extra = CASES[name]
+  v = make_bpe_vocab(d)
   torch.manual_seed(0)
   base = model_cls(cfg_cls(**{**BASE, **extra, "vocab_size": v.vocab_size, "eos_token_id": v.eos_id})).eval()
   base.save_pretrained(d, safe_serialization=True)
-  cfg, params = hf.load(str(d))
-  return request.param, str(d), cfg, _perturbed(params)
+  return str(d)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+  """(name, base folder, config, params changed after import)."""
+  d = _base_folder(request.param, tmp_path_factory.mktemp(request.param))
+  cfg, params = hf.load(d)
+  return request.param, d, cfg, _perturbed(params)
 
 
 def _tokens(vocab_size, shape, seed=1):
@@ -69,16 +77,7 @@ def test_hf_folder_round_trip(tiny, tmp_path):
   got = np.asarray(model.apply(cfg, params, jnp.asarray(tokens))[0])
   assert_close(got, want, PARITY_ULPS)
   assert np.abs(got - want).max() <= 1e-4  # the issue's bound, in float32
-  prompt = _tokens(cfg.vocab_size, (1, 7), seed=2)
-  theirs.generation_config.eos_token_id = None
-  theirs.generation_config.pad_token_id = 0
-  with torch.no_grad():
-    ref = theirs.generate(torch.tensor(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True)
-  ours = sampling.sample(cfg, params, [list(prompt[0])], sampling.SamplingConfig(max_new_tokens=32),
-                         eos_id=-1, batch_size=1)
-  assert_same_greedy(ours.tokens[0, 0], ref.sequences.numpy()[0, 7:], [x[0].numpy() for x in ref.logits],
-                     PARITY_ULPS)
+  assert_greedy_like_transformers(theirs, cfg, params, _tokens(cfg.vocab_size, (7,), seed=2).tolist(), PARITY_ULPS)
 
 
 def test_sharded_and_bfloat16_folders(tiny, tmp_path):
@@ -160,3 +159,42 @@ def test_a_checkpoint_that_does_not_fit_the_base_is_refused(tiny, tmp_path):
     export.to_hf_folder({k: v for k, v in params.items() if k != "layer_1"}, other, str(tmp_path / "x"), base)
   with pytest.raises(ValueError, match="give --base"):
     export.load(str(tmp_path / "not_a_model_folder"))
+
+
+MULTIHOST = """
+import sys
+from restem_jax import multihost, partitioning
+multihost.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from restem_jax import export, hf
+base, out = sys.argv[3], sys.argv[4] + f"/process_{jax.process_index()}"
+mesh = partitioning.make_mesh((1, 2, 4))  # fsdp across the two processes, tensor within each
+cfg = hf.load_config(base)
+params = jax.jit(lambda p: jax.tree.map(lambda x: -x, p))(hf.load_params(base, cfg, mesh))  # moved
+split = sum(not (x.is_fully_addressable or x.sharding.is_fully_replicated) for x in jax.tree.leaves(params))
+export.to_hf_folder(params, cfg, out + "/hf", base)
+export.to_gguf(params, cfg, out + "/model.gguf", base, "f32")
+print("SPLIT", split)
+"""
+
+
+def test_multihost_export_gathers_every_shard_and_only_process_0_writes(tmp_path):
+  """Two JAX processes (gloo) hold the weights split between them: both call the
+  exports, process 0 alone writes, and the files hold the whole model."""
+  (tmp_path / "base").mkdir()
+  base = _base_folder("llama", tmp_path / "base")
+  port = 20000 + (os.getpid() + 7) % 20000
+  env = dict(subprocess_env(4), JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, f"127.0.0.1:{port}", str(i), base, str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    split = int(out.split("SPLIT ", 1)[1].split()[0])
+    assert split > 0, "no parameter was split across the processes: the test would not test gathering"
+  assert not (tmp_path / "process_1").exists(), "process 1 wrote files"
+  _, want = hf.load(base)
+  for path in (tmp_path / "process_0" / "hf", tmp_path / "process_0" / "model.gguf"):
+    _, got = hf.load(str(path))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), -np.asarray(b)), got, want)

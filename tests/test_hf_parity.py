@@ -7,8 +7,8 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from conftest import assert_close, assert_same_greedy
-from restem_jax import hf, model, partitioning, sampling
+from conftest import assert_close, assert_greedy_like_transformers
+from restem_jax import hf, model, partitioning
 
 # float32 logits of a 2-layer model from PyTorch's kernels and XLA's: ~20 sequential reductions of
 # <= 96 terms, each ~sqrt(96) eps of its scale, so 256 eps of the largest logit.  A wrong rotary
@@ -63,16 +63,8 @@ def test_logit_parity(tiny):
 
 def test_greedy_generation_matches(tiny):
   _, hf_model, cfg, params = tiny
-  prompt = np.random.RandomState(2).randint(0, 97, (1, 7))
-  hf_model.generation_config.eos_token_id = None
-  hf_model.generation_config.pad_token_id = 0
-  with torch.no_grad():
-    ref = hf_model.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                            output_logits=True, return_dict_in_generate=True)
-  out = sampling.sample(cfg, params, [list(prompt[0])], sampling.SamplingConfig(max_new_tokens=32),
-                        eos_id=-1, batch_size=1)
-  assert_same_greedy(out.tokens[0, 0], ref.sequences.numpy()[0, 7:], [x[0].numpy() for x in ref.logits],
-                     PARITY_ULPS)
+  assert_greedy_like_transformers(hf_model, cfg, params, np.random.RandomState(2).randint(0, 97, 7).tolist(),
+                                  PARITY_ULPS)
 
 
 def test_loaded_directly_sharded(tiny, tmp_path):

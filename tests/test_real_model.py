@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tasks
-from conftest import assert_close, assert_same_greedy
+from conftest import assert_close, assert_greedy_like_transformers, assert_same_greedy
 from restem_jax import gguf, hf, model, sampling, vocab
 
 # one worker runs this module: two SmolLM2 runs side by side (6-7 GB each, besides the workers'
@@ -127,26 +127,30 @@ def test_converter_writes_a_hugging_face_folder(ours, tmp_path):
     assert "<|im_start|>" in json.load(f)["chat_template"]
 
 
-@pytest.mark.parametrize("gin_name,task", [("restem_math", "math"), ("restem_apps", "apps")])
-def test_math_and_apps_runs_with_the_real_model(gin_name, task, tmp_path, shared_data):
-  """The MATH and APPS run files, as written, on a few problems with SmolLM2 as the base."""
+def _run_file(gin_name, run_dir, bindings):
+  """Runs gin/<gin_name>.gin as a user does, on one CPU device; its summary."""
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "restem_jax.main", f"--gin_file=gin/{gin_name}.gin", f"--gin.RUN_DIR='{run_dir}'"]
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
+  r = subprocess.run(cmd + [f"--gin_bindings={b}" for b in bindings], cwd=root, env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("gin_name,task", [("restem_math", "math"), ("restem_apps", "apps")])
+def test_math_and_apps_runs_with_the_real_model(gin_name, task, tmp_path, shared_data):
+  """The MATH and APPS run files, as written, on a few problems with SmolLM2 as the base."""
   small = ["RestemConfig.train_limit = 3", "RestemConfig.eval_limit = 2", "RestemConfig.train_eval_size = 2",
            "RestemConfig.num_iterations = 1", "RestemConfig.sample_batch_size = 4", "RestemConfig.pass_k = (1, 2)",
            "estep/SamplingConfig.num_samples = 2", "estep/SamplingConfig.max_new_tokens = 12",
            "eval/SamplingConfig.num_samples = 2", "eval/SamplingConfig.max_new_tokens = 12",
            "ModelConfig.dtype = 'float32'", "mstep/TrainConfig.total_steps = 2",
            "mstep/TrainConfig.batch_size = 2", "mstep/TrainConfig.grad_accum = 1", "MESH = (-1, 1, 1)"]
-  cmd = [sys.executable, "-m", "restem_jax.main", f"--gin_file=gin/{gin_name}.gin",
-         f"--gin.RUN_DIR='{tmp_path / 'run'}'", "--gin.HF_MODEL_DIR=@smollm2_path()"]
-  cmd += [f"--gin_bindings={b}" for b in small]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
-  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with open(tmp_path / "run" / "summary.json") as f:
-    summary = json.load(f)
+  summary = _run_file(gin_name, tmp_path / "run", ["HF_MODEL_DIR = @smollm2_path()", *small])
   assert summary["task"] == task and len(summary["iterations"]) == 1
   it = summary["iterations"][0]
   assert {"test_pass_at_1", "validation_pass_at_1", "sampled_pass_at_2", "kept_samples"} <= set(it)
@@ -157,10 +161,7 @@ def test_math_and_apps_runs_with_the_real_model(gin_name, task, tmp_path, shared
 def arith_run(tmp_path_factory):
   """gin/restem_arith_smollm.gin as written, on a few problems, exporting its best
   policy at the end: (run folder, summary)."""
-  import subprocess
-  import sys
   tmp = tmp_path_factory.mktemp("arith_smollm")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   small = ["POOL_PROBLEMS = 4", "RestemConfig.eval_limit = 2", "RestemConfig.train_eval_size = 2",
            "ITERATIONS = 1", "RestemConfig.sample_batch_size = 4", "RestemConfig.pass_k = (1, 2)",
            "RestemConfig.transfer = (('arith', 'test_ood', 2, 0),)", "SAMPLES = 2",
@@ -169,13 +170,7 @@ def arith_run(tmp_path_factory):
            "sft/TrainConfig.batch_size = 2", "mstep/TrainConfig.batch_size = 2", "RestemConfig.mstep_epochs = 0.0",
            "mstep/TrainConfig.total_steps = 2", "RestemConfig.include_human_data = True",  # an M-step, kept or not
            f"RestemConfig.export_dir = '{tmp / 'exported'}'"]
-  cmd = [sys.executable, "-m", "restem_jax.main", "--gin_file=gin/restem_arith_smollm.gin",
-         f"--gin.RUN_DIR='{tmp / 'run'}'"] + [f"--gin_bindings={b}" for b in small]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
-  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with open(tmp / "run" / "summary.json") as f:
-    return tmp / "run", json.load(f)
+  return tmp / "run", _run_file("restem_arith_smollm", tmp / "run", small)
 
 
 def test_arith_run_file_samples_with_shots_and_reports_base_and_sft(arith_run):
@@ -227,13 +222,7 @@ def test_exported_m_step_policy_loads_in_transformers_and_evaluates_the_same(ari
   with torch.no_grad():
     want = theirs(torch.tensor([ids])).logits[0].numpy()
   assert_close(np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0]), want, PARITY_ULPS)
-  theirs.generation_config.eos_token_id = None
-  with torch.no_grad():
-    ref = theirs.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-  ours = sampling.sample(cfg, params, [ids], sampling.SamplingConfig(max_new_tokens=32), eos_id=-1, batch_size=1)
-  assert_same_greedy(ours.tokens[0, 0], ref.sequences.numpy()[0, len(ids):], [x[0].numpy() for x in ref.logits],
-                     PARITY_ULPS)
+  assert_greedy_like_transformers(theirs, cfg, params, ids, PARITY_ULPS)
   a = evaluation.evaluate(summary["best_checkpoint"], task, model=cfg, vocab=v, split="test", limit=8,
                           max_new_tokens=40, mesh=one)
   b = evaluation.evaluate(out, task, model=cfg, vocab=v, split="test", limit=8, max_new_tokens=40, mesh=one)
