@@ -13,7 +13,13 @@ then on the run file's zero-shot chat prompt and the arith test problems:
    de-quantised weights.
 The last line is a JSON object (`pass_at_1` per reader, `same_completions`,
 `max_abs_logit_diff` per format).
+With --tiny: the round trip of tests/test_export.py's tiny random Llama / Qwen2 /
+Mistral models (weights moved after import) in every format, as figures: the
+largest weight change over the largest |weight| (the format's rounding), and
+logits of transformers (folder, or its GGUF loader) against ours on the weights
+read back, max |diff| and over the largest |logit|.
 Usage: python benchmarks/export_parity.py --checkpoint RUN/iter_3/train [--limit 200] [--out DIR]
+       python benchmarks/export_parity.py --tiny
 """
 import argparse
 import json
@@ -65,6 +71,45 @@ def _logit_diff(theirs, cfg, params, prompts):
   return worst, worst / scale
 
 
+def tiny_figures(out: str) -> dict:
+  """{arch: {format: (weight rounding, max |logit diff|, relative)}} for the tests' tiny models."""
+  import torch
+  import transformers
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+  from test_export import CASES, _base_folder, _perturbed  # the tests' models, not a copy of them
+  figures = {}
+  for name in sorted(CASES):
+    d = os.path.join(out, name)
+    os.makedirs(os.path.join(d, "base"), exist_ok=True)
+    base = _base_folder(name, os.path.join(d, "base"))
+    cfg, params = hf.load(base)
+    params = _perturbed(params)
+    length = 12 if name == "mistral" else 40  # llama.cpp runs Mistral without its window: within it
+    tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, length))
+    written = {"folder f32": export.to_hf_folder(params, cfg, os.path.join(d, "f32"), base),
+               "folder bf16": export.to_hf_folder(params, cfg, os.path.join(d, "bf16"), base, "bfloat16")}
+    for t in ("f32", "f16", "q8_0"):
+      written[f"gguf {t}"] = export.to_gguf(params, cfg, os.path.join(d, f"m_{t}.gguf"), base, t)
+    figures[name] = {}
+    for fmt, path in written.items():
+      _, back = hf.load(path)
+      rounding = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
+                     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
+      kw = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
+      theirs = transformers.AutoModelForCausalLM.from_pretrained(
+          os.path.dirname(path) if kw else path, dtype=torch.float32, **kw).eval()
+      with torch.no_grad():
+        want = theirs(torch.tensor(tokens)).logits.float().numpy()
+      got = np.asarray(model.apply(cfg, back, jnp.asarray(tokens))[0])
+      diff = float(np.abs(got - want).max())
+      figures[name][fmt] = (rounding, diff, diff / float(np.abs(want).max()))
+  print(f"{'model':<8} {'format':<12} {'weights moved by':>17} {'max |logit diff|':>17} {'relative':>9}")
+  for name, rows in figures.items():
+    for fmt, (rounding, diff, rel) in rows.items():
+      print(f"{name:<8} {fmt:<12} {rounding:>17.2e} {diff:>17.2e} {rel:>9.1e}")
+  return figures
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--checkpoint", default="runs/arith_smollm/iter_3/train")
@@ -73,9 +118,13 @@ def main():
   ap.add_argument("--limit", type=int, default=200)
   ap.add_argument("--max_new", type=int, default=64, help="the run file's eval max_new_tokens")
   ap.add_argument("--parity_prompts", type=int, default=8)
+  ap.add_argument("--tiny", action="store_true", help="the tests' tiny Llama / Qwen2 / Mistral, every format")
   a = ap.parse_args()
-  base = a.base or gguf.smollm2_path()
   out = a.out or tempfile.mkdtemp(prefix="export_parity_")
+  if a.tiny:
+    print(json.dumps({"tiny": tiny_figures(out)}))
+    return
+  base = a.base or gguf.smollm2_path()
   one = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   t0 = time.time()
   cfg, params, base = export.load(a.checkpoint, base, mesh=one)

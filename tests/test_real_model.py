@@ -24,109 +24,8 @@ PARITY_ULPS = 256
 QUESTION = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
 
 
-@pytest.fixture(scope="module")
-def ours():
-  cfg, params = hf.load(PATH)
-  return cfg, params, vocab.HFTokenizerVocabulary(PATH)
-
-
-@pytest.fixture(scope="module")
-def theirs():
-  import torch
-  import transformers
-  d, f = os.path.dirname(PATH), os.path.basename(PATH)
-  m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-  return m, transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-
-
-def test_config_from_gguf(ours):
-  cfg, _, v = ours
-  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
-  assert cfg.tie_embeddings and cfg.rope_theta == 1e5 and v.eos_id == 2
-  assert 134e6 < cfg.num_params() < 136e6
-
-
-def test_logits_match_transformers_gguf_loader(ours, theirs):
-  import torch
-  cfg, params, v = ours
-  ids = v.encode(v.apply_chat_template([{"role": "user", "content": QUESTION}]))
-  got = np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0])
-  with torch.no_grad():
-    want = theirs[0](torch.tensor([ids])).logits[0].numpy()
-  assert_close(got, want, PARITY_ULPS)
-  rows = np.arange(len(want))  # the same prediction everywhere, but for a tie within that tolerance
-  tol = 2 * PARITY_ULPS * np.finfo(np.float32).eps * np.abs(want).max()
-  assert (want[rows, want.argmax(-1)] - want[rows, got.argmax(-1)] <= tol).all()
-
-
-def test_32_greedy_tokens_equal_generate(ours, theirs):
-  import torch
-  cfg, params, v = ours
-  ids = v.encode(v.apply_chat_template([{"role": "user", "content": QUESTION}]))
-  with torch.no_grad():  # plain greedy generate, both stopping at EOS
-    ref = theirs[0].generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                             pad_token_id=v.eos_id, output_logits=True, return_dict_in_generate=True)
-  want = ref.sequences.numpy()[0, len(ids):]
-  out = sampling.sample(cfg, params, [ids], sampling.SamplingConfig(max_new_tokens=32), eos_id=v.eos_id,
-                        batch_size=1)
-  assert len(want) == 32 and out.lengths[0, 0] == 32  # no early EOS: all 32 tokens compared
-  assert_same_greedy(out.tokens[0, 0], want, [x[0].numpy() for x in ref.logits], PARITY_ULPS)
-
-
-def test_tokenizer_follows_llama_cpp_smollm_pre_tokenizer(ours, theirs):
-  _, _, v = ours
-  texts = ["Natalia sold clips to her friends.", "def f(x):\n    return x ** 2  # square\n",
-           "<|im_start|>user\nHi there<|im_end|>\n", "  spaces\tand\nnewlines  "]
-  for t in texts:  # no digits: transformers' generic GPT-2 split agrees
-    assert v.encode(t) == theirs[1].encode(t, add_special_tokens=False), t
-    assert v._tok.decode(v.encode(t), skip_special_tokens=False) == t
-  # llama.cpp's "smollm" pre-tokenizer splits digits one by one (\p{N}), as the model was trained
-  assert [v.decode([i]) for i in v.encode("x 2024")] == ["x", " ", "2", "0", "2", "4"]
-
-
-def test_chat_template_matches_transformers(ours, theirs):
-  _, _, v = ours
-  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION},
-          {"role": "assistant", "content": "48"}, {"role": "user", "content": "And in May?"}]
-  for m in (msgs, msgs[1:2]):
-    assert v.apply_chat_template(m) == theirs[1].apply_chat_template(m, tokenize=False,
-                                                                      add_generation_prompt=True)
-
-
-def test_chat_prompts_for_a_task(ours, shared_data):
-  _, _, v = ours
-  fmt = tasks.ChatFormat(system="You are a careful math tutor.", instruction="\nEnd with: #### <number>",
-                         shots=2)
-  task = tasks.chat(tasks.get("gsm8k"), v, fmt)
-  p = task.load("test")[0]["prompt"]
-  assert p.startswith("<|im_start|>system\nYou are a careful math tutor.<|im_end|>")
-  assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3
-  assert p.endswith("End with: #### <number><|im_end|>\n<|im_start|>assistant\n")
-  assert tasks.get("gsm8k").load("train")[0]["solution"] in p  # a worked solution as a shot
-
-
-def test_converter_writes_a_hugging_face_folder(ours, tmp_path):
-  import torch
-  import transformers
-  cfg, params, v = ours
-  out = gguf.to_hf_folder(PATH, str(tmp_path / "smollm2"))
-  cfg2, params2 = hf.load(out)
-  assert cfg2 == cfg
-  np.testing.assert_array_equal(np.asarray(params2["layer_3"]["attn"]["k_proj"]),
-                                np.asarray(params["layer_3"]["attn"]["k_proj"]))
-  v2 = vocab.HFTokenizerVocabulary(out)
-  text = v.apply_chat_template([{"role": "user", "content": QUESTION}])
-  assert v2.encode(text) == v.encode(text) and v2.apply_chat_template([{"role": "user", "content": QUESTION}]) == text
-  ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  ids = v.encode(text)
-  with torch.no_grad():
-    want = ref(torch.tensor([ids])).logits[0].numpy()
-  got = np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0])
-  assert_close(got, want, PARITY_ULPS)  # the folder's float32 tensors are the GGUF's, de-quantised
-  with open(os.path.join(out, "tokenizer_config.json")) as f:
-    assert "<|im_start|>" in json.load(f)["chat_template"]
-
-
+# The SmolLM2 runs in subprocesses come first: this worker holds no model yet while they
+# run (a worker holding the in-process fixtures plus a run ran out of 24 GB).
 def _run_file(gin_name, run_dir, bindings):
   """Runs gin/<gin_name>.gin as a user does, on one CPU device; its summary."""
   import subprocess
@@ -238,6 +137,109 @@ def test_exported_m_step_policy_loads_in_transformers_and_evaluates_the_same(ari
   with torch.no_grad():
     want_q = theirs_q(torch.tensor([ids])).logits[0].numpy()
   assert_close(np.asarray(model.apply(cfg, params_q, jnp.asarray([ids]))[0][0]), want_q, PARITY_ULPS)
+
+
+@pytest.fixture(scope="module")
+def ours():
+  cfg, params = hf.load(PATH)
+  return cfg, params, vocab.HFTokenizerVocabulary(PATH)
+
+
+@pytest.fixture(scope="module")
+def theirs():
+  import torch
+  import transformers
+  d, f = os.path.dirname(PATH), os.path.basename(PATH)
+  m = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+  return m, transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+def test_config_from_gguf(ours):
+  cfg, _, v = ours
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+  assert cfg.tie_embeddings and cfg.rope_theta == 1e5 and v.eos_id == 2
+  assert 134e6 < cfg.num_params() < 136e6
+
+
+def test_logits_match_transformers_gguf_loader(ours, theirs):
+  import torch
+  cfg, params, v = ours
+  ids = v.encode(v.apply_chat_template([{"role": "user", "content": QUESTION}]))
+  got = np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0])
+  with torch.no_grad():
+    want = theirs[0](torch.tensor([ids])).logits[0].numpy()
+  assert_close(got, want, PARITY_ULPS)
+  rows = np.arange(len(want))  # the same prediction everywhere, but for a tie within that tolerance
+  tol = 2 * PARITY_ULPS * np.finfo(np.float32).eps * np.abs(want).max()
+  assert (want[rows, want.argmax(-1)] - want[rows, got.argmax(-1)] <= tol).all()
+
+
+def test_32_greedy_tokens_equal_generate(ours, theirs):
+  import torch
+  cfg, params, v = ours
+  ids = v.encode(v.apply_chat_template([{"role": "user", "content": QUESTION}]))
+  with torch.no_grad():  # plain greedy generate, both stopping at EOS
+    ref = theirs[0].generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                             pad_token_id=v.eos_id, output_logits=True, return_dict_in_generate=True)
+  want = ref.sequences.numpy()[0, len(ids):]
+  out = sampling.sample(cfg, params, [ids], sampling.SamplingConfig(max_new_tokens=32), eos_id=v.eos_id,
+                        batch_size=1)
+  assert len(want) == 32 and out.lengths[0, 0] == 32  # no early EOS: all 32 tokens compared
+  assert_same_greedy(out.tokens[0, 0], want, [x[0].numpy() for x in ref.logits], PARITY_ULPS)
+
+
+def test_tokenizer_follows_llama_cpp_smollm_pre_tokenizer(ours, theirs):
+  _, _, v = ours
+  texts = ["Natalia sold clips to her friends.", "def f(x):\n    return x ** 2  # square\n",
+           "<|im_start|>user\nHi there<|im_end|>\n", "  spaces\tand\nnewlines  "]
+  for t in texts:  # no digits: transformers' generic GPT-2 split agrees
+    assert v.encode(t) == theirs[1].encode(t, add_special_tokens=False), t
+    assert v._tok.decode(v.encode(t), skip_special_tokens=False) == t
+  # llama.cpp's "smollm" pre-tokenizer splits digits one by one (\p{N}), as the model was trained
+  assert [v.decode([i]) for i in v.encode("x 2024")] == ["x", " ", "2", "0", "2", "4"]
+
+
+def test_chat_template_matches_transformers(ours, theirs):
+  _, _, v = ours
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION},
+          {"role": "assistant", "content": "48"}, {"role": "user", "content": "And in May?"}]
+  for m in (msgs, msgs[1:2]):
+    assert v.apply_chat_template(m) == theirs[1].apply_chat_template(m, tokenize=False,
+                                                                      add_generation_prompt=True)
+
+
+def test_chat_prompts_for_a_task(ours, shared_data):
+  _, _, v = ours
+  fmt = tasks.ChatFormat(system="You are a careful math tutor.", instruction="\nEnd with: #### <number>",
+                         shots=2)
+  task = tasks.chat(tasks.get("gsm8k"), v, fmt)
+  p = task.load("test")[0]["prompt"]
+  assert p.startswith("<|im_start|>system\nYou are a careful math tutor.<|im_end|>")
+  assert p.count("<|im_start|>user") == 3 and p.count("<|im_start|>assistant") == 3
+  assert p.endswith("End with: #### <number><|im_end|>\n<|im_start|>assistant\n")
+  assert tasks.get("gsm8k").load("train")[0]["solution"] in p  # a worked solution as a shot
+
+
+def test_converter_writes_a_hugging_face_folder(ours, tmp_path):
+  import torch
+  import transformers
+  cfg, params, v = ours
+  out = gguf.to_hf_folder(PATH, str(tmp_path / "smollm2"))
+  cfg2, params2 = hf.load(out)
+  assert cfg2 == cfg
+  np.testing.assert_array_equal(np.asarray(params2["layer_3"]["attn"]["k_proj"]),
+                                np.asarray(params["layer_3"]["attn"]["k_proj"]))
+  v2 = vocab.HFTokenizerVocabulary(out)
+  text = v.apply_chat_template([{"role": "user", "content": QUESTION}])
+  assert v2.encode(text) == v.encode(text) and v2.apply_chat_template([{"role": "user", "content": QUESTION}]) == text
+  ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  ids = v.encode(text)
+  with torch.no_grad():
+    want = ref(torch.tensor([ids])).logits[0].numpy()
+  got = np.asarray(model.apply(cfg, params, jnp.asarray([ids]))[0][0])
+  assert_close(got, want, PARITY_ULPS)  # the folder's float32 tensors are the GGUF's, de-quantised
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    assert "<|im_start|>" in json.load(f)["chat_template"]
 
 
 def test_broken_gguf_files_are_named(tmp_path):
