@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tasks
-from conftest import assert_close, assert_greedy_like_transformers, assert_same_greedy
+from conftest import ROOT, assert_close, assert_greedy_like_transformers, assert_same_greedy, subprocess_env
 from restem_jax import gguf, hf, model, sampling, vocab
 
 # one worker runs this module: two SmolLM2 runs side by side (6-7 GB each, besides the workers'
@@ -30,11 +30,9 @@ def _run_file(gin_name, run_dir, bindings):
   """Runs gin/<gin_name>.gin as a user does, on one CPU device; its summary."""
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, "-m", "restem_jax.main", f"--gin_file=gin/{gin_name}.gin", f"--gin.RUN_DIR='{run_dir}'"]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
-  r = subprocess.run(cmd + [f"--gin_bindings={b}" for b in bindings], cwd=root, env=env, capture_output=True,
-                     text=True, timeout=900)
+  r = subprocess.run(cmd + [f"--gin_bindings={b}" for b in bindings], cwd=ROOT, env=subprocess_env(),
+                     capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(run_dir, "summary.json")) as f:
     return json.load(f)
