@@ -140,11 +140,15 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
 def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="test", limit=0,
                    sampling=None, num_subsets=200, config=None, reward_train=None, filter_restem=None,
                    filter_mstep=None, mesh_shape=(-1, 1, 1), data_dir="", task_options=None,
-                   hf_model_dir="", prompt="", chat=None, allow_unisolated_code=False):
-  """Best-of-N of `policy`'s samples: pass@N, majority, ORM / PRM picks and weighted
-  votes.  An empty `orm` / `prm` is trained here first (run_dir/orm, run_dir/prm,
-  with `config` and `reward_train`); with `filter_restem` (a RestemConfig) one
-  ReST^EM run from `policy` without and one with the PRM filter are compared."""
+                   hf_model_dir="", prompt="", chat=None, allow_unisolated_code=False,
+                   sample_chat=None, sample_prompt=""):
+  """Best-of-N of `policy`'s samples (`hf_model_dir` itself when empty): pass@N,
+  majority, ORM / PRM picks and weighted votes.  An empty `orm` / `prm` is trained
+  here first (run_dir/orm, run_dir/prm, with `config` and `reward_train`, on the
+  same samples, run_dir/rm_rollouts); with `filter_restem` (a RestemConfig) one
+  ReST^EM run from `policy` without and one with the PRM filter are compared.
+  `sample_chat` / `sample_prompt`: the policy samples behind these prompts (e.g.
+  few-shot); the reward models read the samples behind `chat` / `prompt`."""
   import dataclasses
   from restem_jax import restem, reward_run
   from restem_jax.checkpoints import absolute
@@ -154,6 +158,10 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
                                                                     hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
   the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
+  sample_task = None
+  if sample_chat is not None or sample_prompt:
+    sample_task = _task(task, data_dir, task_options, sample_prompt or prompt, sample_chat or chat, vocab,
+                        allow_unisolated_code)
   config = config or reward_run.RewardConfig()
   trained = {}
   for kind in ("orm", "prm"):
@@ -161,24 +169,26 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
       continue
     trained[kind] = reward_run.train_run(
         os.path.join(run_dir, kind), dataclasses.replace(config, kind=kind, policy=policy or hf_model_dir),
-        model, reward_train, vocab, the_task, tuple(mesh_shape))
+        model, reward_train, vocab, the_task, tuple(mesh_shape), sample_task,
+        os.path.join(run_dir, "rm_rollouts"))
   orm = orm or (os.path.join(run_dir, "orm", "train") if "orm" in trained else "")
   prm = prm or (os.path.join(run_dir, "prm", "train") if "prm" in trained else "")
   summary = reward_run.best_of_n_run(
       run_dir, policy or hf_model_dir, orm, prm, model, vocab, the_task, split, limit,
       sampling or SamplingConfig(num_samples=16, temperature=1.0, max_new_tokens=48), num_subsets,
-      config, tuple(mesh_shape))
-  if "prm" in trained:
+      config, tuple(mesh_shape), sample_task)
+  if "prm" in trained and "first_wrong_step" not in summary and trained["prm"]["test"]:
     t = trained["prm"]["test"]
     summary["first_wrong_step"] = {"accuracy": t["first_wrong_step_accuracy"], "solutions": t["solutions"],
                                    "always_none_baseline": t["always_none_baseline"]}
   if filter_restem is not None and prm:
     summary["prm_filter"] = {}
     for name, path in (("without", ""), ("with", prm)):
-      cfg = dataclasses.replace(filter_restem, base_checkpoint=policy, prm_filter=path)
+      cfg = dataclasses.replace(filter_restem, base_checkpoint=policy, prm_filter=path,
+                                hf_model_dir=filter_restem.hf_model_dir or hf_model_dir)
       s = restem.run(os.path.join(run_dir, f"restem_{name}_prm_filter"), cfg, model,
                      mstep=filter_mstep, mesh_shape=tuple(mesh_shape), vocab=vocab, task=the_task,
-                     transfer=[])
+                     transfer=[], sample_task=sample_task)
       last = s["iterations"][-1]
       summary["prm_filter"][name] = {
           "kept_with_wrong_step": last.get("kept_with_wrong_step"), "kept_samples": last.get("kept_samples"),

@@ -159,16 +159,14 @@ def step_filter(r: rollouts.Rollouts, task, vocab) -> tuple[rollouts.Rollouts, d
 
 
 def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_problem: int,
-         path: str, prompt_ids: list | None = None) -> tuple[np.ndarray, dict]:
+         path: str) -> tuple[np.ndarray, dict]:
   """Selects the kept samples, writes them to `path` (JSONL: text and token ids), returns (mask, stats).
-  `problems` give the prompt text that is trained on, `prompt_ids` its token ids per
-  problem where they differ from the sampled ones."""
+  `problems` give the prompt text that is trained on (`r`'s prompts are its tokens)."""
   mask = rollouts.select(r, max_per_problem)
   prompts = {str(p["id"]): p["prompt"] for p in problems}
   texts = r.texts(vocab, task.stop)
-  ids = (lambda i: list(prompt_ids[i])) if prompt_ids is not None else r.prompt  # noqa: E731
   kept = [dict(id=str(r.problem_ids[i]), prompt=prompts[str(r.problem_ids[i])], completion=texts[i][j],
-               prompt_ids=ids(i), completion_ids=r.completion(i, j), reward=float(r.rewards[i, j]))
+               prompt_ids=r.prompt(i), completion_ids=r.completion(i, j), reward=float(r.rewards[i, j]))
           for i, j in zip(*np.nonzero(mask))]
   stats = dict(kept_samples=len(kept), problems_solved=int(mask.any(1).sum()),
                problems_solved_fraction=float(mask.any(1).mean()),
@@ -301,7 +299,8 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   with log.timed("e_step"):
     r = e_step(engine, policy, task, sample_pool or pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
                jax.random.fold_in(jax.random.key(cfg.seed), it))
-  train_ids = [engine.vocab.encode(p["prompt"]) for p in pool] if sample_pool is not None else None
+  if sample_pool is not None:  # the PRM, the kept set and the M-step read the training prompts
+    r = rollouts.with_prompts(r, pool, engine.vocab)
   kept_path = os.path.join(stage_dir, "kept.jsonl")
   filtered = {}
   if prm is not None:
@@ -309,11 +308,11 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   if cfg.require_correct_steps:
     r, dropped = step_filter(r, task, engine.vocab)
     filtered.update(dropped)
-  mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path, train_ids)
+  mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path)
   stats.update(filtered)
   stats["seqio_task"] = _register_kept(f"{task.name}_restem_iter{it}", kept_path, engine.vocab)
   log(f"iter_{it}", stats)
-  data = rollouts.examples(r, mask, engine.vocab.eos_id, cfg.max_len, train_ids)
+  data = rollouts.examples(r, mask, engine.vocab.eos_id, cfg.max_len)
   if human is not None:
     data = {k: np.concatenate([data[k], human[k]]) for k in data}
   if not len(data["reward"]):

@@ -223,10 +223,21 @@ def scores(cfg, params, examples: Sequence[Labelled], kind: str, *, max_len: int
            ) -> tuple[np.ndarray, list[np.ndarray]]:
   """Per solution: its score, and the class probabilities at its positions."""
   tokens, where = positions_batch(examples, max_len)
-  probs = class_probs(cfg, params, tokens, batch_size)
+  # rows sorted by length, each chunk only as wide as its longest row (to a multiple
+  # of 16: few shapes to compile): a causal model's outputs at a position do not
+  # depend on the padding after it
+  lengths = np.minimum([len(ex.prompt) + len(ex.completion) for ex in examples], max_len)
+  order = np.argsort(lengths, kind="stable")
+  at = {}
+  for i in range(0, len(order), batch_size):
+    rows = order[i:i + batch_size]
+    width = min(max_len, max(16, -(-int(lengths[rows].max()) // 16) * 16))
+    probs = class_probs(cfg, params, tokens[rows, :width], batch_size)
+    for k, r in enumerate(rows):
+      at[int(r)] = probs[k, where[r]] if where[r] else np.zeros((0, 3), np.float32)
   out, per_pos = np.zeros(len(examples), np.float32), []
-  for r, w in enumerate(where):
-    sp = probs[r, w] if w else np.zeros((0, 3), np.float32)
+  for r in range(len(examples)):
+    sp = at[r]
     per_pos.append(sp)
     if kind == "orm":
       out[r] = sp[-1, POSITIVE] if len(sp) else 0.5

@@ -29,7 +29,7 @@ import zlib
 import jax
 import numpy as np
 
-from restem_jax import best_of_n, evaluation, multihost, partitioning, restem, reward, training
+from restem_jax import best_of_n, evaluation, multihost, partitioning, restem, reward, rollouts, training
 from restem_jax import model as model_lib
 from restem_jax.runlog import RunLog, read_json, write_json
 from restem_jax.sampling import SamplingConfig
@@ -75,6 +75,8 @@ class RewardConfig:
       raise ValueError(f"RewardConfig.source: {self.source!r} is not 'rollouts' or 'prm800k'")
     if self.labels not in ("exact", "mc"):
       raise ValueError(f"RewardConfig.labels: {self.labels!r} is not 'exact' or 'mc'")
+    if self.active_samples and not self.test_split:
+      raise ValueError("RewardConfig.active_samples: active learning is judged on test_split; give one")
     if self.source == "prm800k" and self.kind != "prm":
       raise ValueError("RewardConfig: PRM800K has step labels only: kind must be 'prm'")
 
@@ -83,10 +85,17 @@ def _limit(records, n):
   return records[:n] if n else records
 
 
-def rollouts_for(engine, params, task, split: str, limit: int, sc: SamplingConfig, out_dir: str, seed: int):
+def rollouts_for(engine, params, task, split: str, limit: int, sc: SamplingConfig, out_dir: str, seed: int,
+                 sample_task=None):
+  """Verified samples of `split`'s first `limit` problems (resumable, in
+  out_dir/split).  With `sample_task` (the same task with other prompts, e.g.
+  few-shot) the policy samples behind its prompts, and the rollouts come back
+  behind `task`'s: what a reward model reads."""
   recs = _limit(task.load(split), limit)
-  return restem.e_step(engine, params, task, recs, sc, os.path.join(out_dir, split),
-                       jax.random.fold_in(jax.random.key(seed), zlib.crc32(split.encode())))
+  r = restem.e_step(engine, params, sample_task or task, _limit((sample_task or task).load(split), limit), sc,
+                    os.path.join(out_dir, split),
+                    jax.random.fold_in(jax.random.key(seed), zlib.crc32(split.encode())))
+  return rollouts.with_prompts(r, recs, engine.vocab) if sample_task is not None else r
 
 
 def prm800k_examples(task, vocab, split: str, limit: int, per_problem: int = 0,
@@ -220,8 +229,13 @@ def _engine(model, vocab, mesh, rc):
 
 
 def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: training.TrainConfig,
-              vocab, task, mesh_shape=(-1, 1, 1)) -> dict:
-  """Trains a reward model in run_dir (resumable); returns the summary."""
+              vocab, task, mesh_shape=(-1, 1, 1), sample_task=None, rollouts_dir: str = "") -> dict:
+  """Trains a reward model in run_dir (resumable); returns the summary.
+  `sample_task`: the policy samples behind its prompts (see `rollouts_for`);
+  `rollouts_dir` (default run_dir/rollouts): where the samples are kept, one
+  folder for an ORM and a PRM trained on the same samples.  An empty
+  `rc.test_split` skips the test metrics (best-of-N measures on its own pool)."""
+  rollouts_dir = rollouts_dir or os.path.join(run_dir, "rollouts")
   mesh = partitioning.make_mesh(tuple(mesh_shape))
   log = RunLog(run_dir)
   with jax.set_mesh(mesh):
@@ -235,14 +249,15 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
       for name, split, limit in (("train", rc.train_split, rc.train_limit),
                                  ("validation", rc.validation_split, rc.eval_limit),
                                  ("test", rc.test_split, rc.eval_limit)):
-        r = rollouts_for(engine, policy, task, split, limit, rc.sampling,
-                         os.path.join(run_dir, "rollouts"), rc.seed)
+        if not split:
+          continue
+        r = rollouts_for(engine, policy, task, split, limit, rc.sampling, rollouts_dir, rc.seed, sample_task)
         # MC labels train the PRM; it is judged on exact labels where the task has them
         if rc.kind == "prm" and rc.labels == "mc" and (name == "train" or task.step_labels is None):
           examples = mc_labels(engine, policy, task, r, _limit(task.load(split), limit),
                                dataclasses.replace(rc.sampling, num_samples=rc.mc_rollouts),
                                zlib.crc32(f"mc/{split}".encode()) + rc.seed,
-                               cache=os.path.join(run_dir, "rollouts", f"mc_labels_{split}.json"))
+                               cache=os.path.join(rollouts_dir, f"mc_labels_{split}.json"))
           if task.step_labels is not None:  # how often MC agrees with the exact labels
             exact = reward.from_rollouts(r, vocab, task, "prm")
             same = [a == b for e, m in zip(exact, examples)
@@ -288,13 +303,13 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
         init_fn=functools.partial(reward.init_params, model), init_params=init_params,
         validate=validate,
         log=lambda m: log(f"train_{rc.kind}", {k: v for k, v in m.items() if k != "step"}, m["step"]))
-    test = evaluate_rm(model, best, outs["test"][0], rc.kind, rc, outs["test"][1])
+    test = evaluate_rm(model, best, outs["test"][0], rc.kind, rc, outs["test"][1]) if "test" in outs else {}
     summary = dict(kind=rc.kind, source=rc.source, validation=score, data=stats,
                    test={k: round(v, 3) if isinstance(v, float) else v for k, v in test.items()})
     if rc.active_samples:
       summary["active_learning"] = active_learning(
           run_dir, rc, model, tc, vocab, task, _engine(model, vocab, mesh, rc), policy, best, outs,
-          init_params, validate, mesh, log)
+          init_params, validate, mesh, log, sample_task)
     summary["wall_time_s"] = round(log.wall_time(), 1)
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log("test", summary["test"])
@@ -304,14 +319,14 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
 
 
 def active_learning(run_dir, rc: RewardConfig, model, tc, vocab, task, engine, policy, rm, outs,
-                    init_params, validate, mesh, log) -> dict:
+                    init_params, validate, mesh, log, sample_task=None) -> dict:
   """Retrains with the convincing wrong answers of a fresh pool (scored by `rm`)
   and, as the control, with as many uniformly drawn samples; test metrics of both."""
   if policy is None:
     raise ValueError("RewardConfig.active_samples needs source 'rollouts' (a policy to sample)")
   sc = dataclasses.replace(rc.sampling, num_samples=rc.active_samples)
   pool = rollouts_for(engine, policy, task, rc.train_split, rc.train_limit, sc,
-                      os.path.join(run_dir, "active_pool"), rc.seed + 1)
+                      os.path.join(run_dir, "active_pool"), rc.seed + 1, sample_task)
   correct = pool.rewards > 0
   s, _ = reward.scores(model, rm, reward.from_rollouts(pool, vocab, task, rc.kind, labelled=False),
                        rc.kind, max_len=rc.max_len, reduction=rc.reduction,
@@ -345,30 +360,42 @@ def load_rm(path: str, model):
 def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_lib.ModelConfig, vocab,
                   task, split: str = "test", limit: int = 0,
                   sampling: SamplingConfig = SamplingConfig(num_samples=16, temperature=1.0, max_new_tokens=48),
-                  num_subsets: int = 200, rc: RewardConfig = RewardConfig(), mesh_shape=(-1, 1, 1)) -> dict:
+                  num_subsets: int = 200, rc: RewardConfig = RewardConfig(), mesh_shape=(-1, 1, 1),
+                  sample_task=None) -> dict:
   """Best-of-N on a pool of samples per problem: pass@N, majority, and each
-  given reward model's pick and weighted vote (table, PNG, summary.json)."""
+  given reward model's pick and weighted vote (table, PNG, summary.json).
+  The reward models read the samples behind `task`'s prompts (the policy
+  samples behind `sample_task`'s, where given).  Where the task's steps are
+  checkable, the PRM's first-wrong-step accuracy on the pool is reported too
+  (`first_wrong_step`: held-out problems, every sample)."""
   mesh = partitioning.make_mesh(tuple(mesh_shape))
   log = RunLog(run_dir)
   with jax.set_mesh(mesh):
     params = evaluation.load_params(policy, model, mesh)
     r = rollouts_for(_engine(model, vocab, mesh, rc), params, task, split, limit, sampling,
-                     os.path.join(run_dir, "rollouts"), rc.seed)
+                     os.path.join(run_dir, "rollouts"), rc.seed, sample_task)
     log.mark("pool")
     correct = r.rewards > 0
     answers = [[a if a else None for a in row] for row in r.answers.tolist()]
     scores, rm_metrics = {}, {}
     cache = os.path.join(run_dir, "scores.npz")
     saved = dict(np.load(cache)) if os.path.exists(cache) else {}
+    steps_path = os.path.join(run_dir, "first_wrong_step.json")
+    steps = read_json(steps_path) if os.path.exists(steps_path) else None
     for name, path in (("ORM", orm), ("PRM", prm)):
       if not path:
         continue
       kind = name.lower()
       if name not in saved:
         examples = reward.from_rollouts(r, vocab, task, kind, labelled=False)
-        s, _ = reward.scores(model, load_rm(path, model), examples, kind, max_len=rc.max_len,
-                             reduction=rc.reduction, neutral_is_correct=rc.neutral_is_correct)
+        s, per = reward.scores(model, load_rm(path, model), examples, kind, max_len=rc.max_len,
+                               reduction=rc.reduction, neutral_is_correct=rc.neutral_is_correct)
         saved[name] = s.reshape(correct.shape)
+        if kind == "prm" and task.step_labels is not None:  # exact labels: judge the steps too
+          labelled = reward.from_rollouts(r, vocab, task, "prm")
+          steps = step_metrics([p[:len(ex.labels)] for p, ex in zip(per, labelled)], labelled)
+          if multihost.is_writer():
+            write_json(steps_path, steps)
         if multihost.is_writer():
           np.savez(cache + ".tmp.npz", **saved)
           os.replace(cache + ".tmp.npz", cache)
@@ -386,6 +413,10 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
     table.update({key: [round(float(v), 2) for v in df[col]] for col, key in cols.items() if col in df})
     summary = dict(problems=r.num_problems, pool=r.num_samples, best_of_n=table,
                    reward_models=rm_metrics, wall_time_s=round(log.wall_time(), 1))
+    if steps is not None and prm:
+      summary["first_wrong_step"] = {k: steps[k] for k in ("first_wrong_step_accuracy", "solutions",
+                                                           "always_none_baseline", "negative_step_auroc",
+                                                           "truncated_solutions")}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log.mark("done")
     log.close()

@@ -134,6 +134,15 @@ def verify(r: Rollouts, records: Sequence[dict], verifier, vocab, *, stop: Seque
       answers=np.asarray([x.answer or "" for x in results], dtype=str).reshape(shape))
 
 
+def with_prompts(r: Rollouts, records: Sequence[dict], vocab) -> Rollouts:
+  """`r` behind `records`' prompts (the same problems, e.g. zero-shot where `r`
+  was sampled with few-shot prompts): what a trainer or a reward model reads."""
+  if [str(x["id"]) for x in records] != r.problem_ids.tolist():
+    raise ValueError("with_prompts: records do not match the rollouts' problem ids")
+  prompt_tokens, prompt_lengths = _pad_rows([vocab.encode(x["prompt"]) for x in records])
+  return dataclasses.replace(r, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths)
+
+
 def select(r: Rollouts, max_per_problem: int) -> np.ndarray:
   """[P, S] mask: each problem's first `max_per_problem` distinct rewarded samples."""
   keep = np.zeros(r.rewards.shape, bool)
