@@ -66,6 +66,16 @@ def _task(name, data_dir, task_options, prompt="", chat=None, vocab=None, allow_
   return tasks.chat(task, vocab, chat) if chat is not None else task
 
 
+def _sample_task(name, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
+                 allow_unisolated):
+  """The task behind the policy's sampling prompts (`sample_prompt` / `sample_chat`,
+  each defaulting to the main one), or None where there are none of its own."""
+  if sample_chat is None and not sample_prompt:
+    return None
+  return _task(name, data_dir, task_options, sample_prompt or prompt, sample_chat or chat, vocab,
+               allow_unisolated)
+
+
 def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="",
                 task_options=None, prompt="", chat=None, allow_unisolated_code=False,
                 sample_chat=None, sample_prompt=""):
@@ -87,10 +97,8 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
   task = _task(config.task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
   transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab, allow_unisolated=allow_unisolated_code), *rest)
               for t, *rest in config.transfer]
-  sample_task = None
-  if sample_chat is not None or sample_prompt:
-    sample_task = _task(config.task, data_dir, task_options, sample_prompt or prompt, sample_chat or chat,
-                        vocab, allow_unisolated_code)
+  sample_task = _sample_task(config.task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat,
+                             vocab, allow_unisolated_code)
   return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab, task=task,
                     transfer=transfer, sample_task=sample_task)
 
@@ -121,8 +129,11 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
 
 
 def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 1), data_dir="",
-                task_options=None, hf_model_dir="", prompt="", chat=None, allow_unisolated_code=False):
-  """Trains an ORM or PRM (`config`, a RewardConfig) in run_dir."""
+                task_options=None, hf_model_dir="", prompt="", chat=None, allow_unisolated_code=False,
+                sample_chat=None, sample_prompt=""):
+  """Trains an ORM or PRM (`config`, a RewardConfig) in run_dir.  The policy samples
+  behind `sample_chat` / `sample_prompt` where given (e.g. few-shot); the reward
+  model reads the samples behind `chat` / `prompt`."""
   import dataclasses
   from restem_jax import reward_run
   from restem_jax.checkpoints import absolute
@@ -130,9 +141,11 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
   config = dataclasses.replace(config, policy=absolute(config.policy),
                                init=config.init if config.init in ("policy", "scratch") else absolute(config.init))
   model, vocab = _setup(model, hf_model_dir)
+  sample_task = _sample_task(task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
+                             allow_unisolated_code)
   summary = reward_run.train_run(run_dir, config, model, train, vocab,
                                  _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code),
-                                 tuple(mesh_shape))
+                                 tuple(mesh_shape), sample_task)
   print(json.dumps(summary, indent=1))
   return summary
 
@@ -158,10 +171,8 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
                                                                     hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
   the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
-  sample_task = None
-  if sample_chat is not None or sample_prompt:
-    sample_task = _task(task, data_dir, task_options, sample_prompt or prompt, sample_chat or chat, vocab,
-                        allow_unisolated_code)
+  sample_task = _sample_task(task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
+                             allow_unisolated_code)
   config = config or reward_run.RewardConfig()
   trained = {}
   for kind in ("orm", "prm"):
@@ -186,6 +197,9 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
     for name, path in (("without", ""), ("with", prm)):
       cfg = dataclasses.replace(filter_restem, base_checkpoint=policy, prm_filter=path,
                                 hf_model_dir=filter_restem.hf_model_dir or hf_model_dir)
+      if trained:
+        _share_samples(os.path.join(run_dir, "rm_rollouts", config.train_split), config, cfg,
+                       os.path.join(run_dir, f"restem_{name}_prm_filter", "iter_1", "rollouts"))
       s = restem.run(os.path.join(run_dir, f"restem_{name}_prm_filter"), cfg, model,
                      mstep=filter_mstep, mesh_shape=tuple(mesh_shape), vocab=vocab, task=the_task,
                      transfer=[], sample_task=sample_task)
@@ -197,6 +211,27 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
   write_json(os.path.join(run_dir, "summary.json"), summary)
   print(json.dumps({k: summary[k] for k in ("first_wrong_step", "prm_filter") if k in summary}, indent=1))
   return summary
+
+
+def _share_samples(src: str, rc, cfg, dst: str) -> None:
+  """Both arms of the PRM-filter comparison start from the reward models' own
+  samples where they are the same E-step (policy, problems, sampling, batches):
+  the arms then differ by the filter alone, and the E-step is not sampled again.
+  The batch files go where the first E-step resumes from."""
+  import glob
+  import shutil
+  from restem_jax import multihost
+  same = (cfg.train_split == rc.train_split and cfg.train_limit == rc.train_limit and
+          cfg.sampling == rc.sampling and cfg.sample_batch_size == rc.sample_batch_size)
+  if not same:
+    return
+  if not os.path.exists(dst) and multihost.is_writer():
+    os.makedirs(dst + ".tmp", exist_ok=True)
+    for f in sorted(glob.glob(os.path.join(src, "batch_*.npz"))):
+      shutil.copy(f, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    logging.info("PRM filter: %s starts from the reward models' samples (%s)", dst, src)
+  multihost.barrier("shared samples")  # every process reads them from the run folder
 
 
 def execute(fn):

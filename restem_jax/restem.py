@@ -145,13 +145,15 @@ def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len
   return dataclasses.replace(r, rewards=np.where(drop, 0.0, r.rewards).astype(r.rewards.dtype)), stats
 
 
-def step_filter(r: rollouts.Rollouts, task, vocab) -> tuple[rollouts.Rollouts, dict]:
+def step_filter(r: rollouts.Rollouts, task, vocab, problems: list[dict]) -> tuple[rollouts.Rollouts, dict]:
   """`r` with the rewards of answer-correct samples that hold a wrong step (by the
-  task's `step_checker`) set to 0."""
+  task's `step_checker`, given each sample's problem record) set to 0."""
   if task.step_checker is None:
     raise ValueError(f"RestemConfig.require_correct_steps: task {task.name} has no step_checker")
   texts = r.texts(vocab, task.stop)
-  ok = np.array([[bool(c) and all(c) for c in map(task.step_checker, row)] for row in texts]).reshape(r.rewards.shape)
+  by_id = {str(p["id"]): p for p in problems}
+  ok = np.array([[bool(c) and all(c) for c in (task.step_checker(t, by_id[pid]) for t in row)]
+                 for pid, row in zip(r.problem_ids.tolist(), texts)]).reshape(r.rewards.shape)
   drop = (r.rewards > 0) & ~ok
   return dataclasses.replace(r, rewards=np.where(drop, 0.0, r.rewards).astype(r.rewards.dtype)), dict(
       step_filter_dropped=int(drop.sum()),
@@ -172,7 +174,9 @@ def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_proble
                problems_solved_fraction=float(mask.any(1).mean()),
                estep_sample_accuracy=float((r.rewards > 0).mean()))
   if task.step_checker and kept:
-    stats["kept_with_wrong_step"] = float(np.mean([not all(task.step_checker(k["completion"])) for k in kept]))
+    by_id = {str(p["id"]): p for p in problems}
+    stats["kept_with_wrong_step"] = float(np.mean([not all(task.step_checker(k["completion"], by_id[k["id"]]))
+                                                   for k in kept]))
   if multihost.is_writer():
     with open(path + ".tmp", "w") as f:
       f.writelines(json.dumps(k) + "\n" for k in kept)
@@ -306,7 +310,7 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   if prm is not None:
     r, filtered = prm_filter(r, prm, task, engine.vocab, cfg.prm_threshold, cfg.max_len)
   if cfg.require_correct_steps:
-    r, dropped = step_filter(r, task, engine.vocab)
+    r, dropped = step_filter(r, task, engine.vocab, pool)
     filtered.update(dropped)
   mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path)
   stats.update(filtered)

@@ -255,10 +255,12 @@ def first_wrong_step(step_probs: np.ndarray, threshold: float = 0.5) -> int:
 # ----------------------------------------------------------------------------- data sources
 
 
-def from_rollouts(r, vocab, task, kind: str, labelled: bool = True) -> list[Labelled]:
+def from_rollouts(r, vocab, task, kind: str, labelled: bool = True,
+                  records: Sequence[dict] | None = None) -> list[Labelled]:
   """Every sample of verified rollouts (problem-major), labelled for `kind`:
   ORM by the verifier's verdict; PRM by the task's exact step labels
-  (`task.step_labels`) on steps split by `task.step_separator`."""
+  (`task.step_labels`, which read the problem's record: `records`, by id) on
+  steps split by `task.step_separator`."""
   if kind not in KINDS:
     raise ValueError(f"unknown reward model kind {kind!r}; kinds: {KINDS}")
   if labelled and not r.verified:
@@ -266,6 +268,9 @@ def from_rollouts(r, vocab, task, kind: str, labelled: bool = True) -> list[Labe
   if kind == "prm" and labelled and task.step_labels is None:
     raise ValueError(f"task {task.name} has no exact step labels (Task.step_labels); "
                      "train its PRM on PRM800K-style step records instead")
+  by_id = {str(x["id"]): x for x in records or ()}
+  if kind == "prm" and labelled and any(str(i) not in by_id for i in r.problem_ids):
+    raise ValueError("from_rollouts: exact step labels need every sample's problem record (records)")
   out = []
   for i in range(r.num_problems):
     prompt = r.prompt(i)
@@ -280,7 +285,7 @@ def from_rollouts(r, vocab, task, kind: str, labelled: bool = True) -> list[Labe
       spans = step_spans(text, task.step_separator)
       labels = None
       if labelled:
-        labels = [RATING_TO_CLASS[x] for x in task.step_labels(text, spans, correct)]
+        labels = [RATING_TO_CLASS[x] for x in task.step_labels(text, spans, correct, by_id[str(r.problem_ids[i])])]
       out.append(prm_example(prompt, comp, ends, spans, labels))
   return out
 

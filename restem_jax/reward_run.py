@@ -10,7 +10,7 @@
   train     the decoder + a 3-way head (from the policy, a Hugging Face /
             GGUF model, or scratch) with `training.train`: sharded, resumable,
             keep-best on validation (PRM: first-wrong-step accuracy; ORM:
-            solution-level accuracy) -> run_dir/train/checkpoints
+            AUROC of right against wrong answers) -> run_dir/train/checkpoints
   report    test metrics -> run_dir/summary.json
 
 `best_of_n_run` (gin/best_of_n.gin): a pool of `sampling.num_samples` samples
@@ -252,14 +252,15 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
         if not split:
           continue
         r = rollouts_for(engine, policy, task, split, limit, rc.sampling, rollouts_dir, rc.seed, sample_task)
+        recs = _limit(task.load(split), limit)
         # MC labels train the PRM; it is judged on exact labels where the task has them
         if rc.kind == "prm" and rc.labels == "mc" and (name == "train" or task.step_labels is None):
-          examples = mc_labels(engine, policy, task, r, _limit(task.load(split), limit),
+          examples = mc_labels(engine, policy, task, r, recs,
                                dataclasses.replace(rc.sampling, num_samples=rc.mc_rollouts),
                                zlib.crc32(f"mc/{split}".encode()) + rc.seed,
                                cache=os.path.join(rollouts_dir, f"mc_labels_{split}.json"))
           if task.step_labels is not None:  # how often MC agrees with the exact labels
-            exact = reward.from_rollouts(r, vocab, task, "prm")
+            exact = reward.from_rollouts(r, vocab, task, "prm", records=recs)
             same = [a == b for e, m in zip(exact, examples)
                     for a, b in zip(e.labels, m.labels)]
             logging.info("%s: MC labels agree with the exact ones on %.1f%% of steps", name,
@@ -267,7 +268,7 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
             log.mark(f"mc {name}")
             mc_agreement[name] = float(100 * np.mean(same)) if same else None
         else:
-          examples = reward.from_rollouts(r, vocab, task, rc.kind)
+          examples = reward.from_rollouts(r, vocab, task, rc.kind, records=recs)
         outs[name] = (examples, (r.rewards > 0).reshape(-1))
         log.mark(f"rollouts {name}")
     else:
@@ -285,11 +286,18 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
     log("data", stats)
     logging.info("reward model data: %s", stats)
 
-    key = "first_wrong_step_accuracy" if rc.kind == "prm" else "solution_accuracy"
     val_examples, val_correct = outs["validation"]
+    # keep-best: the PRM by locating first wrong steps; the ORM by how it ranks right
+    # answers above wrong ones (AUROC, x100), which is what picking among samples needs:
+    # its accuracy at 0.5 rewards answering "wrong" when most samples are (the base
+    # model's are 96% wrong); accuracy only where validation lacks a class
+    both = val_correct is not None and 0 < np.mean(val_correct) < 1
 
     def validate(params):
-      return evaluate_rm(model, params, val_examples, rc.kind, rc, val_correct)[key]
+      m = evaluate_rm(model, params, val_examples, rc.kind, rc, val_correct)
+      if rc.kind == "prm":
+        return m["first_wrong_step_accuracy"]
+      return 100 * m["auroc"] if both else m["solution_accuracy"]
 
     init_params = None
     if rc.init == "policy":
@@ -335,7 +343,8 @@ def active_learning(run_dir, rc: RewardConfig, model, tc, vocab, task, engine, p
   n = int(picked.sum())
   control = np.zeros(picked.shape, bool)
   control[np.random.default_rng(rc.seed).choice(picked.size, n, replace=False)] = True
-  labelled = reward.from_rollouts(pool, vocab, task, rc.kind)
+  labelled = reward.from_rollouts(pool, vocab, task, rc.kind,
+                                  records=_limit(task.load(rc.train_split), rc.train_limit))
   out = {"pool_samples": int(picked.size), "selected": n,
          "selected_mean_score": float(s[picked].mean()) if n else None,
          "wrong_answer_share_of_pool": float(1 - correct.mean())}
@@ -392,7 +401,7 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
                                reduction=rc.reduction, neutral_is_correct=rc.neutral_is_correct)
         saved[name] = s.reshape(correct.shape)
         if kind == "prm" and task.step_labels is not None:  # exact labels: judge the steps too
-          labelled = reward.from_rollouts(r, vocab, task, "prm")
+          labelled = reward.from_rollouts(r, vocab, task, "prm", records=_limit(task.load(split), limit))
           steps = step_metrics([p[:len(ex.labels)] for p, ex in zip(per, labelled)], labelled)
           if multihost.is_writer():
             write_json(steps_path, steps)

@@ -62,40 +62,66 @@ def solution_text(steps: list[str], answer: int) -> str:
 _STEP = re.compile(r"^(-?\d+)([-+*])(-?\d+)=(-?\d+)$")
 
 
-def _check_step(step: str, prev: int | None) -> tuple[bool, int | None]:
-  """Is `a op b = c` right, and does `a` chain from the previous result?  (ok, c)"""
+def operations(problem: str) -> tuple[int, list[tuple[str, int]]]:
+  """`3+3*8` -> (3, [("+", 3), ("*", 8)]): the first operand, then each operation
+  in the order it is evaluated (left to right)."""
+  nums, ops = re.findall(r"\d+", problem), re.findall(r"[-+*]", problem)
+  if len(nums) != len(ops) + 1:
+    raise ValueError(f"arith: {problem!r} is not an expression of this task")
+  return int(nums[0]), list(zip(ops, map(int, nums[1:])))
+
+
+def _check_step(step: str, prev: int | None, expected: tuple[str, int] | None = None
+                ) -> tuple[bool, int | None]:
+  """Is `a op b = c` right, does `a` chain from the previous result, and (with
+  `expected`, the problem's next operation) is it that operation?  (ok, c)"""
   m = _STEP.match(step.strip())
   if not m:
     return False, prev
   a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-  return _apply(a, op, b) == c and (prev is None or a == prev), c
+  ok = _apply(a, op, b) == c and (prev is None or a == prev)
+  return ok and (expected is None or (op, b) == expected), c
 
 
-def check_steps(solution: str) -> list[bool]:
-  """Per step: is `a op b = c` right and does `a` chain from the previous result?"""
-  body = solution.split("####")[0].strip()
-  out, prev = [], None
-  for step in filter(None, body.split(";")):
-    ok, prev = _check_step(step, prev)
-    out.append(ok)
+def _steps(pieces: list[str], record: dict | None) -> list[bool]:
+  """Per calculation step: right, chained and (with the problem) the next
+  operation of `record["problem"]`, the first step starting from its first
+  operand; a step past the problem's operations is wrong."""
+  if record is None:
+    out, prev = [], None
+    for piece in pieces:
+      ok, prev = _check_step(piece, prev)
+      out.append(ok)
+    return out
+  prev, todo = operations(record["problem"])
+  out = []
+  for k, piece in enumerate(pieces):
+    ok, prev = _check_step(piece, prev, todo[k] if k < len(todo) else None)
+    out.append(ok and k < len(todo))
   return out
+
+
+def check_steps(solution: str, record: dict | None = None) -> list[bool]:
+  """Per step of a solution: is `a op b = c` right, does `a` chain from the
+  previous result and, given the problem's record, is the step the problem's
+  next operation (the first from its first operand)?  Without the record, only
+  arithmetic and chaining are checked (a step may compute something else)."""
+  body = solution.split("####")[0].strip()
+  return _steps([s for s in body.split(";") if s], record)
 
 
 STEP_SEPARATOR = r"[;\n]+"  # steps are `a op b = c` pieces, then the `#### N` line
 
 
-def step_ratings(solution: str, spans: list[tuple[int, int]], correct: bool) -> list[int]:
+def step_ratings(solution: str, spans: list[tuple[int, int]], correct: bool,
+                 record: dict | None = None) -> list[int]:
   """Exact PRM labels (+1 / -1) of the steps at `spans` (split by STEP_SEPARATOR):
-  a calculation step by `_check_step`, the answer line by the verifier's verdict."""
-  out, prev = [], None
-  for a, b in spans:
-    piece = solution[a:b]
-    if piece.startswith("####"):
-      out.append(1 if correct else -1)
-      continue
-    ok, prev = _check_step(piece, prev)
-    out.append(1 if ok else -1)
-  return out
+  a calculation step by `check_steps`' rules (given the record: the problem's
+  next operation, rightly computed), the answer line by the verifier's verdict."""
+  pieces = [solution[a:b] for a, b in spans]
+  calc = [p for p in pieces if not p.startswith("####")]
+  it = iter(_steps(calc, record))
+  return [(1 if correct else -1) if p.startswith("####") else (1 if next(it) else -1) for p in pieces]
 
 
 @functools.lru_cache(maxsize=8)

@@ -76,9 +76,9 @@ class Task:
   data_dir: str = ""  # "" = $RESTEM_DATA_DIR or ../shared/data
   options: Any = None  # the task's own knobs (arith: ArithConfig; apps: difficulties)
   stop: str = ""  # text after which a completion is cut (besides EOS)
-  step_checker: Callable | None = None  # solution -> [bool per step], where steps are checkable
+  step_checker: Callable | None = None  # (solution, record) -> [bool per step], where steps are checkable
   step_separator: str = r"\n+"  # regex between a solution's steps (reward models)
-  step_labels: Callable | None = None  # (solution, step spans, answer correct) -> [+1/0/-1 per step]
+  step_labels: Callable | None = None  # (solution, step spans, answer correct, record) -> [+1/0/-1 per step]
 
   def format_prompt(self, record: dict) -> str:
     if callable(self.prompt):

@@ -281,16 +281,19 @@ def test_step_filter_drops_right_answers_with_a_wrong_step():
   import tasks
   from restem_jax import restem, rollouts, vocab
   v = vocab.ByteVocabulary()
-  texts = [["3+4=7;7*2=14\n#### 14", "3+4=8;8*2=14\n#### 14", "3+4=7;7*2=15\n#### 15", "#### 14"]]
+  # the last: right arithmetic and the right answer, but not the problem's first operation
+  texts = [["3+4=7;7*2=14\n#### 14", "3+4=8;8*2=14\n#### 14", "3+4=7;7*2=15\n#### 15", "#### 14",
+            "4+3=7;7*2=14\n#### 14"]]
   ids = [[v.encode(t) for t in row] for row in texts]
   width = max(len(t) for row in ids for t in row)
   tokens = np.array([[t + [0] * (width - len(t)) for t in row] for row in ids], np.int32)
   r = rollouts.Rollouts(np.array(["p0"]), np.array([v.encode("3+4*2=")], np.int32), np.array([6], np.int32),
                         tokens, np.array([[len(t) for t in ids[0]]], np.int32), np.zeros(tokens.shape, np.float32),
-                        np.array([[1.0, 1.0, 0.0, 1.0]], np.float32), np.full((1, 4), "passed"),
-                        np.array([["14", "14", "15", "14"]]))
-  got, stats = restem.step_filter(r, tasks.get("arith"), v)
-  assert got.rewards.tolist() == [[1.0, 0.0, 0.0, 0.0]]  # 3+4=8 is wrong; no steps at all is not a solution
-  assert stats == {"step_filter_dropped": 2, "step_filter_dropped_fraction_of_correct": 2 / 3}
+                        np.array([[1.0, 1.0, 0.0, 1.0, 1.0]], np.float32), np.full((1, 5), "passed"),
+                        np.array([["14", "14", "15", "14", "14"]]))
+  problems = [{"id": "p0", "problem": "3+4*2"}]
+  got, stats = restem.step_filter(r, tasks.get("arith"), v, problems)
+  assert got.rewards.tolist() == [[1.0, 0.0, 0.0, 0.0, 0.0]]  # 3+4=8 is wrong; no steps at all is not a solution
+  assert stats == {"step_filter_dropped": 3, "step_filter_dropped_fraction_of_correct": 3 / 4}
   with pytest.raises(ValueError, match="has no step_checker"):
-    restem.step_filter(r, tasks.get("gsm8k"), v)
+    restem.step_filter(r, tasks.get("gsm8k"), v, problems)

@@ -37,8 +37,16 @@ def test_arith_step_labels_land_on_each_steps_last_token():
   comp = BYTES.encode(text)
   spans = reward.step_spans(text, task.step_separator)
   assert [text[a:b] for a, b in spans] == ["3+3=6", "6*8=47", "47+4=51", "#### 51"]
-  labels = [reward.RATING_TO_CLASS[x] for x in task.step_labels(text, spans, False)]
-  assert labels == [POSITIVE, NEGATIVE, POSITIVE, NEGATIVE]  # 47+4=51 is right arithmetic
+  labels = [reward.RATING_TO_CLASS[x] for x in task.step_labels(text, spans, False, {"problem": "3+3*8+4"})]
+  assert labels == [POSITIVE, NEGATIVE, POSITIVE, NEGATIVE]  # 47+4=51 is right arithmetic, and the next step
+  # a step is right only as the problem's next operation: 3*8=24 is arithmetic, not this problem's
+  other = "3*8=24;24+3=27;27+4=31\n#### 31"
+  other_spans = reward.step_spans(other, task.step_separator)
+  assert task.step_labels(other, other_spans, False, {"problem": "3+3*8+4"}) == [-1, -1, 1, -1]  # each step judged from the one before
+  assert task.step_labels(other, other_spans, False, {"problem": "3*8+3+4"}) == [1, 1, 1, -1]
+  too_many = "3+3=6;6*8=48;48+4=52;52+1=53\n#### 53"
+  assert task.step_labels(too_many, reward.step_spans(too_many, task.step_separator), False,
+                          {"problem": "3+3*8+4"}) == [1, 1, 1, -1, -1]
   ex = reward.prm_example([9, 9], comp, reward.char_ends(BYTES, comp), spans, labels)
   # trained through the first wrong step only, and on its last character ("7" of 47)
   assert ex.labels == (POSITIVE, NEGATIVE)
@@ -142,6 +150,29 @@ def test_packed_reward_model_losses_equal_unpacked():
   assert_close(sums(params, packed), sums(params, data), 64)
   assert float(sums(params, data)[1]) == data["label_mask"].sum()
   jax.tree.map(lambda a, b: assert_close(a, b, 64), grad(params, packed), grad(params, data))
+
+
+def test_scores_in_length_buckets_equal_full_width_rows():
+  """`scores` runs rows sorted by length, each chunk cut to its longest row: the
+  same class probabilities as every row at max_len (a causal model)."""
+  cfg = model.ModelConfig(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=64)
+  params = nn.unbox(reward.init_params(cfg, jax.random.key(1)))
+  rng = np.random.RandomState(1)
+  examples = []
+  for i in range(40):
+    prompt, comp = list(rng.randint(3, 250, rng.randint(2, 8))), list(rng.randint(3, 250, rng.randint(1, 60)))
+    spans = [(0, int(e)) for e in sorted(rng.choice(np.arange(1, len(comp) + 1), min(3, len(comp)), replace=False))]
+    examples.append(reward.prm_example(prompt, comp, list(range(1, len(comp) + 1)), spans, None))
+  max_len = 48  # some rows are cut
+  s, per = reward.scores(cfg, params, examples, "prm", max_len=max_len, batch_size=8)
+  tokens, where = reward.positions_batch(examples, max_len)
+  full = np.asarray(jax.nn.softmax(reward.apply(cfg, params, jnp.asarray(tokens)), -1))
+  for r, ex in enumerate(examples):
+    want = full[r, where[r]]
+    assert per[r].shape == want.shape
+    # float32 probabilities of one model at other batch shapes (XLA may pick other kernels)
+    assert_close(per[r], want, 64)
+    assert_close(s[r], reward.reduce_steps(want), 64 * max(1, len(want)))
 
 
 def _brute_force(correct, answers, scores, n):
@@ -313,8 +344,14 @@ def test_tiny_prm_orm_and_best_of_n(tmp_path, tiny_policy, prm_run):
   prm_dir, prm = prm_run
   assert prm["data"]["train_solutions"] == 48 * 4 and prm["data"]["train_negative_share"] > 0
   assert prm["test"]["solutions"] > 0 and 0 <= prm["test"]["first_wrong_step_accuracy"] <= 100
-  orm = _run("gin/train_orm.gin", orm_dir, tiny_policy, "RewardConfig.active_samples = 6")
+  # the policy samples behind its own prompt ("Q: 3+4="); the ORM reads "3+4=" + the sample
+  orm = _run("gin/train_orm.gin", orm_dir, tiny_policy, "RewardConfig.active_samples = 6",
+             "reward_main.sample_prompt = 'Q: {problem}='")
   assert orm["kind"] == "orm" and 0 <= orm["test"]["solution_accuracy"] <= 100
+  from restem_jax import rollouts
+  sampled = rollouts.load(os.path.join(orm_dir, "rollouts", "pool", "batch_00000.npz"))
+  problem = tasks.get("arith").load("pool")[0]["problem"]
+  assert BYTES.decode(sampled.prompt(0)) == f"Q: {problem}="
   al = orm["active_learning"]
   assert al["pool_samples"] == 48 * 6 and 0 < al["selected"] <= 48 * 2
   for name in ("convincing_wrong", "random"):
@@ -322,7 +359,16 @@ def test_tiny_prm_orm_and_best_of_n(tmp_path, tiny_policy, prm_run):
   summary = _run("gin/best_of_n.gin", bon_dir, tiny_policy, f"ORM='{orm_dir}/train'",
                  f"PRM='{prm_dir}/train'", "pool/SamplingConfig.num_samples = 8", "filter/RestemConfig.pass_k = (1,)",
                  "mstep/TrainConfig.total_steps = 20", "filter/RestemConfig.mstep_epochs = 0.0",
-                 "filter/RestemConfig.sample_batch_size = 16")
+                 "filter/RestemConfig.sample_batch_size = 16", "best_of_n_main.sample_prompt = 'Q: {problem}='")
+  pool = rollouts.load(os.path.join(bon_dir, "rollouts", "test", "batch_00000.npz"))
+  assert BYTES.decode(pool.prompt(0)).startswith("Q: ")
+  # the PRM's first wrong step located on every pool sample (exact labels) or answered "none"
+  fws = summary["first_wrong_step"]
+  assert 0 < fws["solutions"] + fws["truncated_solutions"] <= 24 * 8 and 0 <= fws["first_wrong_step_accuracy"] <= 100
+  with open(os.path.join(bon_dir, "restem_with_prm_filter", "iter_1", "kept.jsonl")) as f:
+    kept = [json.loads(line) for line in f]
+  assert kept and all(BYTES.decode(k["prompt_ids"]) == k["prompt"] and not k["prompt"].startswith("Q:")
+                      for k in kept)
   table = summary["best_of_n"]
   assert table["N"] == [1, 2, 4, 8] and summary["pool"] == 8 and summary["problems"] == 24
   methods = ("majority", "orm", "prm", "orm_weighted", "prm_weighted")
@@ -424,3 +470,25 @@ def test_prm_on_prm800k_runs_end_to_end(tmp_path):
   assert len({e.prompt for e in test_rows}) == 3
   assert summary["data"]["test_solutions"] == len(test_rows) and summary["data"]["train_labels"] > 0
   assert 0 < summary["data"]["train_negative_share"] < 1 and summary["test"]["solutions"] > 0
+
+
+def test_prm_filter_arms_start_from_the_reward_models_samples_only_when_the_same(tmp_path):
+  from restem_jax import main, restem, reward_run
+  from restem_jax.sampling import SamplingConfig
+  src = tmp_path / "rm_rollouts" / "pool"
+  src.mkdir(parents=True)
+  for b in range(3):
+    (src / f"batch_{b:05d}.npz").write_bytes(bytes([b]) * 10)
+  sc = SamplingConfig(num_samples=8, temperature=0.7, top_k=40, max_new_tokens=48)
+  rc = reward_run.RewardConfig(train_split="pool", train_limit=75, sampling=sc, sample_batch_size=25)
+  same = restem.RestemConfig(train_split="pool", train_limit=75, sampling=sc, sample_batch_size=25)
+  dst = tmp_path / "with" / "iter_1" / "rollouts"
+  main._share_samples(str(src), rc, same, str(dst))
+  assert sorted(os.listdir(dst)) == sorted(os.listdir(src))
+  assert (dst / "batch_00002.npz").read_bytes() == bytes([2]) * 10
+  import dataclasses
+  for other in (dataclasses.replace(same, train_limit=50), dataclasses.replace(same, sample_batch_size=32),
+                dataclasses.replace(same, sampling=dataclasses.replace(sc, temperature=1.0))):
+    dst = tmp_path / "other" / "rollouts"
+    main._share_samples(str(src), rc, other, str(dst))
+    assert not dst.exists()  # another E-step: sampled by the run itself

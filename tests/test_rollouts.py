@@ -40,6 +40,16 @@ def test_trained_tokens_are_the_sampled_tokens_with_bpe(bpe):
     reencoded_differs += bpe.encode(bpe.decode(sampled)) != sampled
   # the case the record exists for: text round trips would have changed the tokens
   assert reencoded_differs > 0
+  # behind other prompts (sampled few-shot, trained zero-shot): the completions stay as sampled
+  other = [dict(r, prompt="Q: " + r["prompt"]) for r in records]
+  moved = rollouts.with_prompts(r, other, bpe)
+  for i, rec in enumerate(other):
+    assert moved.prompt(i) == bpe.encode(rec["prompt"])
+    assert all(moved.completion(i, j) == r.completion(i, j) for j in range(r.num_samples))
+  data = rollouts.examples(moved, keep, bpe.eos_id, max_len=32)
+  assert data["tokens"][0][:moved.prompt_lengths[rows[0][0]]].tolist() == bpe.encode(other[rows[0][0]]["prompt"])
+  with pytest.raises(ValueError, match="problem ids"):
+    rollouts.with_prompts(r, other[::-1], bpe)
 
 
 def test_stop_strings_cut_tokens_and_text(bpe):

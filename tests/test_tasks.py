@@ -25,7 +25,7 @@ def test_arith_is_deterministic_and_splits_are_disjoint():
 def test_arith_solutions_are_checkable_and_graded_correct():
   from restem_jax.verifiers import MathVerifier
   for r in tasks.get("arith").load("human")[:200]:
-    assert all(arith.check_steps(r["solution"]))
+    assert all(arith.check_steps(r["solution"])) and all(arith.check_steps(r["solution"], r))
     assert MathVerifier()(r, r["solution"]).reward == 1.0
     # left-to-right semantics
     nums = [int(x) for x in r["problem"].replace("+", " ").replace("-", " ").replace("*", " ").split()]
@@ -36,6 +36,11 @@ def test_arith_solutions_are_checkable_and_graded_correct():
     assert str(acc) == r["answer"]
   assert arith.check_steps("3+3=7;7*8=56\n#### 56") == [False, True]
   assert arith.check_steps("3+3=6;5*8=40\n#### 40") == [True, False]  # does not chain
+  # given the problem: each step is its next operation, from its first operand
+  assert arith.check_steps("3*8=24;24+3=27\n#### 27", {"problem": "3+3*8"}) == [False, False]
+  assert arith.check_steps("3+3=6;6*8=48;48-1=47\n#### 47", {"problem": "3+3*8"}) == [True, True, False]
+  with pytest.raises(ValueError, match="not an expression"):
+    arith.operations("3+")
 
 
 def test_arith_difficulty_knobs():
