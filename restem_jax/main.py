@@ -207,7 +207,11 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
       summary["prm_filter"][name] = {
           "kept_with_wrong_step": last.get("kept_with_wrong_step"), "kept_samples": last.get("kept_samples"),
           "test_pass_at_1_before": s["baseline_test_pass_at_1"], "test_pass_at_1": last["test_pass_at_1"],
-          "prm_dropped": last.get("prm_dropped", 0)}
+          "prm_dropped": last.get("prm_dropped", 0), "wall_time_s": s["wall_time_s"]}
+  # the whole run's wall time: reward models, the best-of-N pool and scores, the PRM filter
+  summary["best_of_n_wall_time_s"] = summary["wall_time_s"]
+  summary["wall_time_s"] = round(summary["wall_time_s"] + sum(t["wall_time_s"] for t in trained.values()) +
+                                 sum(v["wall_time_s"] for v in summary.get("prm_filter", {}).values()), 1)
   write_json(os.path.join(run_dir, "summary.json"), summary)
   print(json.dumps({k: summary[k] for k in ("first_wrong_step", "prm_filter") if k in summary}, indent=1))
   return summary
