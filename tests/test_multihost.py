@@ -53,12 +53,14 @@ def _summary(run_dir):
   return s
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base(uninterrupted):
   return os.path.join(uninterrupted[0], "sft", "train")
 
 
-@pytest.fixture(scope="module")
+# session-scoped: pytest-xdist interleaves this module's tests with test_restem's on one
+# worker (the group), and a module-scoped reference run would be made again each time
+@pytest.fixture(scope="session")
 def one_process(base, tmp_path_factory):
   """The reference: 1 process x 8 devices."""
   run_dir = str(tmp_path_factory.mktemp("one") / "run")

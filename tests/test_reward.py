@@ -365,8 +365,10 @@ def test_tiny_prm_orm_and_best_of_n(tmp_path, tiny_policy, prm_run):
   # the PRM's first wrong step located on every pool sample (exact labels) or answered "none"
   fws = summary["first_wrong_step"]
   assert 0 < fws["solutions"] + fws["truncated_solutions"] <= 24 * 8 and 0 <= fws["first_wrong_step_accuracy"] <= 100
-  with open(os.path.join(bon_dir, "restem_with_prm_filter", "iter_1", "kept.jsonl")) as f:
-    kept = [json.loads(line) for line in f]
+  kept = []  # the PRM may drop every sample of its arm: the two arms together
+  for arm in ("without", "with"):
+    with open(os.path.join(bon_dir, f"restem_{arm}_prm_filter", "iter_1", "kept.jsonl")) as f:
+      kept += [json.loads(line) for line in f]
   assert kept and all(BYTES.decode(k["prompt_ids"]) == k["prompt"] and not k["prompt"].startswith("Q:")
                       for k in kept)
   table = summary["best_of_n"]
