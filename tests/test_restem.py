@@ -128,17 +128,16 @@ def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
   assert s["pass@4"] >= s["pass@1"]
 
 
-@pytest.mark.parametrize("name", ["restem_arith", "restem_arith_tiny", "restem_math", "restem_apps", "restem_gsm8k_smollm",
-                                  "restem_arith_smollm",
-                                  "sft", "eval", "train_prm", "train_orm", "best_of_n", "train_prm_prm800k_smollm"])
+@pytest.mark.parametrize("name", sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "gin")) if f.endswith(".gin")))
 def test_gin_files_parse(name):
   import gin
   from restem_jax import main
   gin.clear_config()
   main.register_configurables()
   gin.add_config_file_search_path(ROOT)
-  gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", name + ".gin")], ["RUN_DIR = '/tmp/x'"]
-                                      if name != "eval" else ["OUT = '/tmp/x'"])
+  # every run file's required macros (their headers list them)
+  gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", name + ".gin")],
+                                      ["RUN_DIR = '/tmp/x'", "OUT = '/tmp/x'", "POLICY = '/tmp/p'"])
   fn = gin.query_parameter("execute.fn")
   assert fn.selector in ("restem_main", "eval_main", "reward_main", "best_of_n_main")
   gin.clear_config()
