@@ -6,16 +6,18 @@
 2. The real model: SmolLM2-135M-Instruct (its GGUF de-quantised once into a Hugging
    Face folder: the same dense weights on both sides), GSM8K test prompts in its
    chat template x 8 samples, T=0.7, top-k 40, stopping at EOS.  Two shapes:
-   "fixed", 32 prompts in one call of 256 rows, <= 128 new tokens (today's shape:
-   most rows run to the cap); "estep", 32 prompts, <= 256 new tokens (variable
-   lengths: rows end at EOS from ~60 to 256 tokens), 16 prompts (128 rows) per
-   call or per pool, so that a pool is refilled once over.  Ours with refill off
-   (fixed batches, shared prompt prefix) and, at the estep shape, on (continuous
-   batching), in useful tokens (up to and including EOS) per second and
-   useful-slot fraction (useful over computed token slots); at the estep shape also
-   transformers `generate` in bfloat16 (the fastest on a CPU with AMX) and float32,
-   and the fraction of the compute roofline (2 x params x useful tokens/s over the
-   matmul peaks measured in this run, float32 and the fastest dtype).
+   "fixed", 32 prompts in one call of 256 rows, <= 128 new tokens (most rows run to
+   the cap); "estep", 32 prompts, <= 256 new tokens (variable lengths: rows end at
+   EOS from ~60 to 256 tokens), 32 prompts (256 rows) per call, as the GSM8K run
+   file samples.  At the estep shape, three loops of ours: fixed batches that wait
+   for their longest row (before finished rows left the batch: `shrink` off), the
+   default (finished rows leave the batch as it shrinks by eighths), and continuous
+   batching (`refill`, a pool of 16 prompts' rows refilled once over); each in
+   useful tokens (up to and including EOS) per second and useful-slot fraction
+   (useful over computed token slots); also transformers `generate` in bfloat16
+   (the fastest on a CPU with AMX) and float32, and the fraction of the compute
+   roofline (2 x params x useful tokens/s over the matmul peaks measured in this
+   run, float32 and the fastest dtype).
 Usage: python benchmarks/sampler.py [--prompts 32] [--samples 4] [--new 64] [--size 20m|1b] [--skip_real]
 """
 import argparse
@@ -46,8 +48,9 @@ def main():
   ap.add_argument("--real_samples", type=int, default=8)
   ap.add_argument("--real_new", type=int, default=128)
   ap.add_argument("--real_batch", type=int, default=32, help="prompts per sampler call (fixed shape)")
-  ap.add_argument("--estep_batch", type=int, default=16,
-                  help="estep shape: prompts per call (refill off) / per pool (on): 2 pool loads")
+  ap.add_argument("--estep_batch", type=int, default=32, help="estep shape: prompts per call")
+  ap.add_argument("--refill_batch", type=int, default=16,
+                  help="estep shape with refill: prompts per pool (refilled once over)")
   ap.add_argument("--estep_prompts", type=int, default=32)
   ap.add_argument("--estep_new", type=int, default=256)
   args = ap.parse_args()
@@ -141,7 +144,7 @@ def hf_generate(ref, prompts, n, new, eos_id):
 
 
 def real_model(args) -> dict:
-  """SmolLM2-135M-Instruct on GSM8K chat prompts: fixed batches against refill, ours
+  """SmolLM2-135M-Instruct on GSM8K chat prompts: our three loops, ours
   against transformers `generate` in bfloat16 and float32, and the roofline."""
   import time
   import torch
@@ -162,8 +165,9 @@ def real_model(args) -> dict:
     refs = {d: transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, d)).eval()
             for d in ("bfloat16", "float32")}
 
-  def ours(prompts, n, new, refill, batch):
-    sc = sampling.SamplingConfig(num_samples=n, temperature=0.7, top_k=40, max_new_tokens=new, refill=refill)
+  def ours(prompts, n, new, loop, batch):
+    sc = sampling.SamplingConfig(num_samples=n, temperature=0.7, top_k=40, max_new_tokens=new,
+                                 refill=loop == "refill", shrink=loop == "shrink")
     kw = dict(eos_id=v.eos_id, batch_size=batch)
     t0 = time.perf_counter()
     sampling.sample(cfg, params, prompts, sc, rng=0, **kw)  # compiles (and runs once)
@@ -174,18 +178,19 @@ def real_model(args) -> dict:
 
   flops = 2 * cfg.num_params()
   res = {}
-  shapes = [("fixed", args.real_prompts, args.real_samples, args.real_new, args.real_batch),
-            ("estep", args.estep_prompts, args.real_samples, args.estep_new, args.estep_batch)]
-  for name, np_, n, new, batch in shapes:
+  runs = [("fixed", "shrink", args.real_prompts, args.real_new, args.real_batch)]
+  runs += [("estep", loop, args.estep_prompts, args.estep_new, args.refill_batch if loop == "refill" else
+            args.estep_batch) for loop in ("shrink", "wait", "refill")]
+  for name, loop, np_, new, batch in runs:
     prompts = [v.encode(r["prompt"]) for r in test[:np_]]
-    for refill in (False, True) if name == "estep" else (False,):
-      sec, first, out = ours(prompts, n, new, refill, batch)
-      tps = int(out.lengths.sum()) / sec
-      res[name, refill] = (tps, out.useful_fraction())
-      print(f"{name}: {np_} prompts x {n} samples, <= {new} new tokens, batches of {batch} "
-            f"prompts, refill {'on' if refill else 'off'}: {sec:.1f} s (second call; the first, compiling, "
-            f"{first:.0f} s) for {int(out.lengths.sum())} useful tokens = {tps:.0f} tokens/s, useful-slot "
-            f"fraction {out.useful_fraction():.3f}")
+    n = args.real_samples
+    sec, first, out = ours(prompts, n, new, loop, batch)
+    tps = int(out.lengths.sum()) / sec
+    res[name, loop] = (tps, out.useful_fraction())
+    print(f"{name}: {np_} prompts x {n} samples, <= {new} new tokens, {batch} prompts a "
+          f"{'pool' if loop == 'refill' else 'call'}, loop {loop}: {sec:.1f} s (second call; the first, "
+          f"compiling, {first:.0f} s) for {int(out.lengths.sum())} useful tokens = {tps:.0f} tokens/s, "
+          f"useful-slot fraction {out.useful_fraction():.3f}", flush=True)
   prompts = [v.encode(r["prompt"]) for r in test[:args.estep_prompts]]
   hf_tps = {}
   if not args.skip_hf:
@@ -194,14 +199,19 @@ def real_model(args) -> dict:
       hf_tps[d] = toks / sec
       print(f"transformers generate {d} (torch {torch.__version__}, {torch.get_num_threads()} threads), "
             f"estep shape: {sec:.1f} s for {toks} useful tokens = {toks / sec:.0f} tokens/s")
-  ours_tps = max(res["estep", True][0], res["estep", False][0])  # ours: the faster loop
-  out = dict(estep_useful_slot_fraction=round(res["estep", True][1], 3),
-             estep_useful_slot_fraction_no_refill=round(res["estep", False][1], 3),
-             estep_speedup=round(res["estep", True][0] / res["estep", False][0], 2),
+  ours_tps = max(res["estep", loop][0] for loop in ("shrink", "wait", "refill"))  # ours: the fastest loop
+  wait = res["estep", "wait"][0]
+  out = dict(estep_useful_slot_fraction=round(res["estep", "shrink"][1], 3),
+             estep_useful_slot_fraction_wait=round(res["estep", "wait"][1], 3),
+             estep_useful_slot_fraction_refill=round(res["estep", "refill"][1], 3),
+             estep_shrink_tokens_per_s=round(res["estep", "shrink"][0], 1),
+             estep_wait_tokens_per_s=round(wait, 1),
+             estep_refill_tokens_per_s=round(res["estep", "refill"][0], 1),
+             estep_speedup=round(res["estep", "shrink"][0] / wait, 2),
+             estep_refill_speedup=round(res["estep", "refill"][0] / wait, 2),
              real_ours_tokens_per_s=round(ours_tps, 1),
-             real_ours_no_refill_tokens_per_s=round(res["estep", False][0], 1),
-             fixed_useful_slot_fraction=round(res["fixed", False][1], 3),
-             fixed_ours_tokens_per_s=round(res["fixed", False][0], 1),
+             fixed_useful_slot_fraction=round(res["fixed", "shrink"][1], 3),
+             fixed_ours_tokens_per_s=round(res["fixed", "shrink"][0], 1),
              real_roofline_fraction=round(flops * ours_tps / (peaks["jax_float32"] * 1e9), 3),
              **{f"peak_gflops_{k}": round(x, 1) for k, x in peaks.items()})
   if hf_tps:

@@ -12,7 +12,7 @@ waits, the pool halves as its live rows fit.
 The price: every row attends over its own W slots at every step (no prompt
 shared by the samples of a prompt, no cache that grows with the step).  On a
 2-core CPU that attention is memory-bound (256 rows x 448 slots: ~0.3 s of a
-~1.0 s step, against ~0.7 s for the shared-prefix loop of `sampling.decode`),
+~1.0 s step, against ~0.7 s for the shared-prefix loop of `sampling.decode_loop`),
 so the fixed batches stay the default there; on an accelerator's memory
 bandwidth the balance differs.
 """

@@ -5,7 +5,12 @@ length rounded up to a power of two, or above 128 to a multiple of 64; a fixed
 batch per call), so a long E-step compiles a few times at most.  Each prompt is
 prefilled once; its KV cache is shared by the `num_samples` rows that continue
 it (attention reads it once per prompt, not once per sample).  Decoding stops
-when every row has emitted EOS or `max_new_tokens` is reached.
+when every row has emitted EOS or `max_new_tokens` is reached.  Finished rows
+leave the batch (`SamplingConfig.shrink`): as they finish, the loop stops, and the
+live rows go on as a smaller batch (by eighths of the batch, each with its own
+copy of its prompt's cache), so that the last long rows do not drag a full batch
+along.  Every row draws its row of the whole batch's random numbers, so shrinking
+changes no token.
 
 `SamplingConfig.refill` switches to continuous batching (`refill.py`): a
 pool of rows with one ring-buffer cache each, a finished row taking the next
@@ -48,6 +53,9 @@ class SamplingConfig:
   # (`refill.sample_refill`); False: fixed batches with a shared prompt prefix (`decode`),
   # faster on a CPU (see `refill.py`).
   refill: bool = False
+  # Fixed batches only: finished rows leave the batch, which shrinks by eighths as they
+  # finish (`decode`); the same tokens either way.
+  shrink: bool = True
 
   def __post_init__(self):
     if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -56,7 +64,7 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 ({self})")
 
   def device_part(self) -> "SamplingConfig":
-    return dataclasses.replace(self, stop=())
+    return dataclasses.replace(self, stop=(), shrink=True)
 
 
 GREEDY = SamplingConfig()
@@ -175,9 +183,22 @@ def _nucleus(x_NxK, top_p: float):
   return jnp.where(before_NxK < top_p, x_NxK, -jnp.inf)
 
 
-def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.0):
-  """One token per row; greedy (argmax) where temperature == 0."""
+def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.0, *, rows=None):
+  """One token per row; greedy (argmax) where temperature == 0.
+
+  `rows = (rows_N, num_rows)`: row i is row rows_N[i] of a batch of num_rows, and its
+  random numbers are that row's of the batch's draw from `rng` (so a row draws the same
+  token whichever rows share its call).  One batch draw and a gather: a key per row
+  (vmapped fold_in and threefry) cost 5-10% of a SmolLM2 decode step on CPU.
+  """
   greedy_N = jnp.argmax(logits_NxV, axis=-1)
+  n = logits_NxV.shape[0]
+
+  def draw(fn, shape):  # fn(key, shape) for the rows of the batch
+    if rows is None:
+      return fn(rng, (n,) + shape)
+    rows_N, num_rows = rows
+    return fn(rng, (num_rows,) + shape)[rows_N]
   if isinstance(temperature, (int, float)) and temperature == 0:  # static greedy: no draw
     return greedy_N.astype(jnp.int32)
   v = logits_NxV.shape[-1]
@@ -189,14 +210,17 @@ def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.
     x_NxK = vals_NxK / jnp.maximum(temperature, 1e-6)
     if top_p < 1.0:
       x_NxK = _nucleus(x_NxK, top_p)
-    pick_N = jax.random.categorical(rng, x_NxK, axis=-1)
+    if rows is None:
+      pick_N = jax.random.categorical(rng, x_NxK, axis=-1)
+    else:  # Gumbel-max, as jax.random.categorical, with the batch's Gumbel draws
+      pick_N = jnp.argmax(x_NxK + draw(jax.random.gumbel, x_NxK.shape[1:]), axis=-1)
     drawn_N = jnp.take_along_axis(idx_NxK, pick_N[:, None], -1)[:, 0]
     return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
   # Inverse-CDF draw: one uniform per row (a Gumbel draw needs one per logit,
   # which dominates a CPU decode step for large vocabularies).
   probs_NxV = jax.nn.softmax(filter_logits(logits_NxV, temperature, top_k, top_p), axis=-1)
   cdf_NxV = jnp.cumsum(probs_NxV, axis=-1)
-  u_Nx1 = jax.random.uniform(rng, (logits_NxV.shape[0], 1)) * cdf_NxV[:, -1:]
+  u_Nx1 = draw(jax.random.uniform, (1,)) * cdf_NxV[:, -1:]
   drawn_N = jnp.minimum(jnp.sum(cdf_NxV <= u_Nx1, axis=-1), v - 1)
   # Guard float rounding: never return a zero-probability token.
   p_N = jnp.take_along_axis(probs_NxV, drawn_N[:, None], -1)[:, 0]
@@ -204,9 +228,9 @@ def sample_token(logits_NxV, rng, temperature, top_k: int = 0, top_p: float = 1.
   return jnp.where(temperature > 0, drawn_N, greedy_N).astype(jnp.int32)
 
 
-def next_token(logits_NxV, rng, done_N, *, sc: SamplingConfig, pad_id):
+def next_token(logits_NxV, rng, done_N, *, sc: SamplingConfig, pad_id, rows=None):
   """The next token of each row (pad where done) and its log-probability."""
-  tok_N = sample_token(logits_NxV, rng, sc.temperature, sc.top_k, sc.top_p)
+  tok_N = sample_token(logits_NxV, rng, sc.temperature, sc.top_k, sc.top_p, rows=rows)
   lp_N = jnp.take_along_axis(logits_NxV, tok_N[:, None], -1)[:, 0] - logsumexp(logits_NxV)
   return jnp.where(done_N, pad_id, tok_N), jnp.where(done_N, 0.0, lp_N)
 
@@ -228,37 +252,66 @@ def prefill(params, prompts_BxP, prompt_mask_BxP, *, cfg: model_lib.ModelConfig,
     return logits_Bx1xV[:, -1], cache
 
 
+@functools.partial(jax.jit, static_argnames=("width",))
+def decode_grow(state, width: int):
+  """kv_mask and cache widened (zeros at the end) to `width` slots."""
+  grow = width - state["kv_mask"].shape[1]
+  pad = lambda c, axis: jnp.pad(c, [(0, grow if a == axis else 0) for a in range(c.ndim)])  # noqa: E731
+  return dict(state, kv_mask=pad(state["kv_mask"], 1),
+              cache=[{name: pad(c, model_lib.CACHE_LENGTH_AXIS[name]) for name, c in layer.items()}
+                     for layer in state["cache"]])
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sc", "rules"))
-def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
-           cfg: model_lib.ModelConfig, sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
-  """`sc.num_samples` continuations of each prefilled prompt (`prefill`'s outputs,
-  `prompt_mask_BxP` marking its real slots); returns [B*n, T] arrays."""
+def decode_init(logits_BxV, prompt_mask_BxP, rng, eos_id, pad_id, *, cfg: model_lib.ModelConfig,
+                sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
+  """The decode state of `sc.num_samples` rows per prefilled prompt (`prefill`'s
+  logits; `prompt_mask_BxP` marks its real slots), token 0 drawn from the prefill's
+  logits.  Row r continues prompt r // num_samples; each row's own cache holds only
+  its generated tokens (the prompt's stays in the shared prefix)."""
   with nn.logical_axis_rules(rules):
-    b, p = prompt_mask_BxP.shape
+    b, _ = prompt_mask_BxP.shape
     n, t = sc.num_samples, sc.max_new_tokens
-    # The samples of a prompt share its prefill and read its keys once (`prefix`);
-    # each row's own cache holds only the generated tokens, and grows by segment.
-    rep = lambda x: jnp.repeat(x, n, axis=0)
-    widths = decode_segments(t)
-
-    pick = functools.partial(next_token, sc=sc, pad_id=pad_id)
-
-    # Token 0 comes from the prefill's logits; step j feeds token j - 1 (cache slot
-    # j - 1) and samples token j, so t tokens take t - 1 forward passes.
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    rows_N = jnp.arange(b * n, dtype=jnp.int32)
     rng, sub = jax.random.split(rng)
-    tok_N, lp_N = pick(rep(logits_BxV), sub, jnp.zeros((b * n,), bool))
-    state = dict(
+    tok_N, lp_N = next_token(rep(logits_BxV), sub, jnp.zeros((b * n,), bool), sc=sc, pad_id=pad_id,
+                             rows=(rows_N, b * n))
+    w = decode_segments(t)[0]
+    return dict(
         step=jnp.int32(1),
+        row=rows_N,
         tokens=jnp.full((b * n, t), pad_id, jnp.int32).at[:, 0].set(tok_N),
         logprobs=jnp.zeros((b * n, t), jnp.float32).at[:, 0].set(lp_N),
         lengths=jnp.ones((b * n,), jnp.int32),
         done=tok_N == eos_id,
         last=tok_N,
         position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
-        kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, widths[0]), bool)], 1),
-        cache=model_lib.init_cache(cfg, b * n, widths[0]),
+        kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, w), bool)], 1),
+        cache=model_lib.init_cache(cfg, b * n, w),
         rng=rng)
 
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "width", "num_rows", "rules"), donate_argnums=(1,))
+def decode_loop(params, state, prefix, min_live, eos_id, pad_id, *, cfg: model_lib.ModelConfig,
+                sc: SamplingConfig, width: int, num_rows: int, rules=partitioning.DEFAULT_RULES):
+  """Decodes while step < max_new_tokens, step <= width and more than `min_live` rows
+  are live.  A segment attends over the slots written so far (rounded up,
+  `decode_segments`), not all t.
+  `prefix`: the prompts' caches, C rows (row r of the state reads prefix row
+  r // (R / C)).  The rows' caches must have `width` slots (`decode_grow`).  State row
+  r is row state["row"][r] of the `num_rows` that `decode_init` started (its random
+  stream)."""
+  with nn.logical_axis_rules(rules):
+    p = prefix[0]["v"].shape[model_lib.CACHE_LENGTH_AXIS["v"]]
+    t = sc.max_new_tokens
+    if state["kv_mask"].shape[1] != p + width:
+      raise ValueError(f"decode_loop: the state has {state['kv_mask'].shape[1]} slots, not {p} + {width}")
+    state["cache"] = [{name: model_lib.constrain(c, model_lib.CACHE_NAMES[name]) for name, c in layer.items()}
+                      for layer in state["cache"]]
+
+    # Token 0 comes from the prefill's logits; step j feeds token j - 1 (cache slot
+    # j - 1) and samples token j, so t tokens take t - 1 forward passes.
     def body(s):
       rng, sub = jax.random.split(s["rng"])
       step, done = s["step"], s["done"]
@@ -267,8 +320,9 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
       logits, cache = model_lib.apply(
           cfg, params, s["last"][:, None], positions_BxL=s["position"][:, None],
           kv_mask_BxS=kv_mask, cache=s["cache"], cache_index=slot, prefix=prefix)
-      tok_N, lp_N = pick(logits[:, 0], sub, done)
+      tok_N, lp_N = next_token(logits[:, 0], sub, done, sc=sc, pad_id=pad_id, rows=(s["row"], num_rows))
       return dict(
+          s,
           step=step + 1,
           tokens=s["tokens"].at[:, step].set(tok_N),
           logprobs=s["logprobs"].at[:, step].set(lp_N),
@@ -280,20 +334,72 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id, pad_id, *,
           cache=cache,
           rng=rng)
 
-    # Each segment attends over the slots written so far (rounded up), not all t:
-    # a segment of width w feeds slots < w.
-    for i, w in enumerate(widths):
-      if i:
-        grow = w - widths[i - 1]
-        state["kv_mask"] = jnp.pad(state["kv_mask"], ((0, 0), (0, grow)))
-        state["cache"] = [{name: jnp.pad(c, [(0, grow if a == model_lib.CACHE_LENGTH_AXIS[name] else 0)
-                                             for a in range(c.ndim)]) for name, c in layer.items()}
-                          for layer in state["cache"]]
-      state["cache"] = [{name: model_lib.constrain(c, model_lib.CACHE_NAMES[name]) for name, c in layer.items()}
-                        for layer in state["cache"]]
-      state = jax.lax.while_loop(
-          lambda s, w=w: (s["step"] < t) & (s["step"] <= w) & ~jnp.all(s["done"]), body, state)
-    return state["tokens"], state["lengths"], state["logprobs"]
+    return jax.lax.while_loop(
+        lambda s: (s["step"] < t) & (s["step"] <= width) & (jnp.sum(~s["done"]) > min_live), body, state)
+
+
+@jax.jit
+def decode_shrink(state, prefix, keep_M, source_M):
+  """The state's rows keep_M only, each with its own copy of its prompt's prefix
+  (prefix row source_M[i]): a smaller batch."""
+  r = state["done"].shape[0]
+  state = jax.tree.map(lambda x: x[keep_M] if x.ndim and x.shape[0] == r else x, state)
+  return state, jax.tree.map(lambda x: x[source_M], prefix)
+
+
+def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id: int, pad_id: int, *,
+           cfg: model_lib.ModelConfig, sc: SamplingConfig, shrink: bool = True, data_parallel: int = 1,
+           put=lambda a, names: a, rules=partitioning.DEFAULT_RULES):
+  """`sc.num_samples` continuations of each prefilled prompt (`prefill`'s outputs).
+
+  With `shrink`, finished rows leave the batch: whenever the live rows fit in an
+  eighth fewer rows (rounded up to a multiple of an eighth of the batch, and of
+  `data_parallel`), the loop stops, the finished rows are collected and the live ones
+  continue as a smaller batch, so that the last long rows do not drag the whole batch
+  along.  Each row draws from its own random stream, so shrinking changes no token.
+  Returns host arrays tokens [B*n, T], lengths [B*n], logprobs [B*n, T] and the
+  number of token slots computed.
+  """
+  n, t = sc.num_samples, sc.max_new_tokens
+  state = decode_init(logits_BxV, prompt_mask_BxP, rng, jnp.int32(eos_id), jnp.int32(pad_id), cfg=cfg,
+                      sc=sc, rules=rules)
+  rows = total = prompt_mask_BxP.shape[0] * n
+  quantum = -(-max(1, total // 8) // data_parallel) * data_parallel
+  out_t = np.full((total, t), pad_id, np.int32)
+  out_l = np.zeros((total,), np.int32)
+  out_lp = np.zeros((total, t), np.float32)
+  row_ids = np.arange(total)  # the batch row each state row holds
+  source = row_ids // n  # the prefix row each state row reads
+  computed, step = total, 1
+
+  def collect(which):
+    at = row_ids[which]
+    out_t[at], out_lp[at], out_l[at] = (multihost.to_host(state[k])[which]
+                                        for k in ("tokens", "logprobs", "lengths"))
+
+  live = np.flatnonzero(~multihost.to_host(state["done"]))
+  for w in decode_segments(t):
+    if len(live) and step < t and state["kv_mask"].shape[1] < prompt_mask_BxP.shape[1] + w:
+      state = decode_grow(state, prompt_mask_BxP.shape[1] + w)
+    while len(live) and step < t and step <= w:
+      min_live = rows - quantum if shrink and rows > quantum else 0
+      state = decode_loop(params, state, prefix, jnp.int32(min_live), jnp.int32(eos_id), jnp.int32(pad_id),
+                          cfg=cfg, sc=sc, width=w, num_rows=total, rules=rules)
+      now = int(state["step"])
+      computed += rows * (now - step)
+      step = now
+      done = multihost.to_host(state["done"])
+      live = np.flatnonzero(~done)
+      if shrink and 0 < len(live) <= rows - quantum:
+        size = -(-len(live) // quantum) * quantum
+        finished = np.flatnonzero(done)
+        keep = np.concatenate([live, finished[:size - len(live)]]).astype(np.int32)
+        collect(finished[size - len(live):])
+        state, prefix = decode_shrink(state, prefix, put(keep, (None,)), put(source[keep], (None,)))
+        row_ids, source, rows = row_ids[keep], np.arange(size), size
+        live = np.flatnonzero(~done[keep])
+  collect(np.arange(rows))
+  return out_t, out_l, out_lp, computed
 
 
 def decode_segments(t: int, parts: int = 4, multiple: int = 32) -> list[int]:
@@ -348,6 +454,8 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
+  elif not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a raw uint32 key
   for i, p in enumerate(prompt_tokens):
     if len(p) == 0:
       raise ValueError(f"prompt {i} is empty")
@@ -386,15 +494,15 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
       masks.append(np.pad(mask, ((0, 0), (plen - glen, 0))))
     logits, prefix = (parts[0] if groups == 1 else
                       jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts))
-    t, l, lp = decode(params, logits, prefix, put(np.concatenate(masks), ("batch", "length")),
-                      jax.random.fold_in(rng, start), jnp.int32(eos_id), jnp.int32(pad_id),
-                      cfg=cfg, sc=sc.device_part(), rules=rules)
+    t, l, lp, slots = decode(params, logits, prefix, put(np.concatenate(masks), ("batch", "length")),
+                             jax.random.fold_in(rng, start), eos_id, pad_id, cfg=cfg, sc=sc.device_part(),
+                             shrink=sc.shrink, data_parallel=dp, put=put, rules=rules)
     k = len(chunk)
     shape = (batch_size, num_samples, max_new_tokens)
-    out_t[idx] = multihost.to_host(t).reshape(shape)[:k]
-    out_lp[idx] = multihost.to_host(lp).reshape(shape)[:k]
-    out_l[idx] = multihost.to_host(l).reshape(shape[:2])[:k]
-    computed += batch_size * num_samples * int(out_l[idx].max(initial=1))
+    out_t[idx] = t.reshape(shape)[:k]
+    out_lp[idx] = lp.reshape(shape)[:k]
+    out_l[idx] = l.reshape(shape[:2])[:k]
+    computed += slots
     if progress:
       progress(min(start + batch_size, num))
   return Samples(out_t, out_l, out_lp, computed)

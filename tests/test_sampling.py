@@ -83,11 +83,22 @@ def test_top_k_and_top_p_stay_in_allowed_set():
     assert all(b[r] in nucleus[r] for r in range(64))
 
 
-def test_sampling_frequencies_match_softmax():
+def _draws(logits, temperature, key, n=20000, **kw):
+  """n draws: one key each (vmapped), and n rows of one batch draw, given as 2n rows
+  in reverse with every other row taken (the decode loop's shrunk batches)."""
+  one = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, temperature, **kw)[0]))(
+      jax.random.split(jax.random.key(key), n))
+  rows = jnp.arange(2 * n - 1, 0, -2)
+  batch = sampling.sample_token(jnp.repeat(logits, n, 0), jax.random.key(key + 1), temperature,
+                                rows=(rows, 2 * n), **kw)
+  return np.asarray(one), np.asarray(batch)
+
+
+@pytest.mark.parametrize("path", [0, 1])
+def test_sampling_frequencies_match_softmax(path):
   logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
   temperature = 0.7
-  draws = jax.vmap(lambda k: sampling.sample_token(logits, k, temperature)[0])(
-      jax.random.split(jax.random.key(42), 20000))
+  draws = _draws(logits, temperature, 42)[path]
   counts = np.bincount(np.asarray(draws), minlength=6)
   expected = np.asarray(jax.nn.softmax(logits[0] / temperature)) * 20000
   assert stats.chisquare(counts, expected).pvalue > 0.001
@@ -136,19 +147,24 @@ def test_sampling_on_mesh_matches_single_device(params, refill):
       jax.eval_shape(lambda r: model.init_params(CFG, r), jax.random.key(0)), mesh)
   sharded = jax.device_put(params, shardings)
   prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
-  sc = SC(num_samples=2, max_new_tokens=8, temperature=0.8, top_k=10, refill=refill)
-  kw = dict(eos_id=-1 if not refill else 9, rng=7, batch_size=4 if not refill else 2)
+  # (with refill, a pool of as many rows as the data axes: its schedule, and with it
+  # the random stream, would depend on the devices once the pool shrinks)
+  sc = SC(num_samples=2 if refill else 4, max_new_tokens=8 if refill else 24, temperature=0.8, top_k=10,
+          refill=refill)
+  kw = dict(eos_id=9, rng=7, batch_size=4 if not refill else 2)
   a = sampling.sample(CFG, params, prompts, sc, **kw)
   with jax.set_mesh(mesh):
     b = sampling.sample(CFG, sharded, prompts, sc, mesh=mesh, **kw)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert_close(a.logprobs, b.logprobs, FORWARD_ULPS)
+  if not refill:  # rows ended early, and the batch shrank on the mesh (by 4 rows: the data axes)
+    assert b.computed < 16 * b.lengths.max() and b.lengths.min() < b.lengths.max()
 
 
-def test_top_k_frequencies_match_renormalised_softmax():
+@pytest.mark.parametrize("path", [0, 1])
+def test_top_k_frequencies_match_renormalised_softmax(path):
   logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
-  draws = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, 1.0, top_k=3)[0]))(
-      jax.random.split(jax.random.key(7), 20000))
+  draws = _draws(logits, 1.0, 7, top_k=3)[path]
   counts = np.bincount(np.asarray(draws), minlength=6)
   assert counts[[2, 3, 4]].sum() == 0
   kept = np.array([0, 1, 5])
@@ -163,12 +179,12 @@ def test_sampling_config_rejects_bad_values():
       SC(**bad)
 
 
-def test_top_k_with_top_p_frequencies_match_filtered_softmax():
+@pytest.mark.parametrize("path", [0, 1])
+def test_top_k_with_top_p_frequencies_match_filtered_softmax(path):
   # The fast path (draw among the k best) against the full-vocabulary filter.
   logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5, 1.4, -0.3]])
   temperature, top_k, top_p = 0.8, 5, 0.7
-  draws = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, temperature, top_k, top_p)[0]))(
-      jax.random.split(jax.random.key(3), 20000))
+  draws = _draws(logits, temperature, 3, top_k=top_k, top_p=top_p)[path]
   counts = np.bincount(np.asarray(draws), minlength=8)
   p = np.asarray(jax.nn.softmax(sampling.filter_logits(logits, temperature, top_k, top_p)))[0]
   assert set(np.nonzero(counts)[0]) == set(np.nonzero(p)[0]) and 1 < (p > 0).sum() < top_k
@@ -217,18 +233,23 @@ def test_shortest_decodes_are_greedy(params, new, refill):
     assert list(out.tokens[i, 0]) == seq[len(pr):] and out.lengths[i, 0] == new
 
 
-def test_refilled_rows_match_full_forwards_and_waste_fewer_slots(params):
-  """Continuous batching: 6 prompts x 3 samples through a pool of 6 rows, rows ending at
-  EOS at different steps and taking the next waiting sample.  Each sample's tokens are
-  a valid continuation (log-probs equal a full forward pass of prompt + sample, EOS only
-  last, padding after), and the pool computes fewer wasted slots than fixed batches."""
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_refilled_and_shrunk_rows_match_full_forwards_and_waste_fewer_slots(params, batch_size):
+  """6 prompts x 3 samples, rows ending at EOS at different steps, three ways: fixed
+  batches of `batch_size` prompts that shrink as rows finish (the default), the same
+  without shrinking, and continuous batching through a pool of as many rows, each
+  finished row taking the next waiting sample.  Each sample's tokens are a valid
+  continuation (log-probs equal a full forward pass of prompt + sample, EOS only last,
+  padding after); shrinking changes no token; shrinking and refilling compute fewer
+  wasted slots than fixed batches."""
   rng = np.random.RandomState(4)
   prompts = [list(rng.randint(3, 61, n)) for n in (3, 12, 5, 20, 7, 2)]
   eos = 9
   runs = {}
-  for refill in (False, True):
-    sc = SC(num_samples=3, max_new_tokens=24, temperature=1.0, refill=refill)
-    runs[refill] = out = sampling.sample(CFG, params, prompts, sc, eos_id=eos, rng=11, batch_size=2)
+  for refill, shrink in ((False, False), (False, True), (True, False)):
+    sc = SC(num_samples=3, max_new_tokens=24, temperature=1.0, refill=refill, shrink=shrink)
+    runs[refill, shrink] = out = sampling.sample(CFG, params, prompts, sc, eos_id=eos, rng=11,
+                                                 batch_size=batch_size)
     for i, pr in enumerate(prompts):
       for j in range(3):
         n = int(out.lengths[i, j])
@@ -237,8 +258,15 @@ def test_refilled_rows_match_full_forwards_and_waste_fewer_slots(params):
         assert not out.tokens[i, j, n:].any() and not out.logprobs[i, j, n:].any()
         lp = jax.nn.log_softmax(forward(params, jnp.asarray([list(pr) + toks]))[0])
         assert_close(out.logprobs[i, j, :n], [float(lp[len(pr) + k - 1, toks[k]]) for k in range(n)],
-                     FORWARD_ULPS, err_msg=f"refill={refill}, prompt {i}, sample {j}")
-  lengths = runs[True].lengths
-  assert len(set(lengths.ravel().tolist())) > 3  # rows really end at different steps
-  assert runs[True].useful_fraction() > runs[False].useful_fraction()
-  assert runs[True].computed >= lengths.sum()
+                     FORWARD_ULPS, err_msg=f"refill={refill}, shrink={shrink}, prompt {i}, sample {j}")
+  fixed, shrunk, pool = runs[False, False], runs[False, True], runs[True, False]
+  assert len(set(fixed.lengths.ravel().tolist())) > 3  # rows really end at different steps
+  # the batch shrank (by eighths of its rows, rounded up), token for token the same samples
+  np.testing.assert_array_equal(shrunk.tokens, fixed.tokens)
+  np.testing.assert_array_equal(shrunk.lengths, fixed.lengths)
+  assert_close(shrunk.logprobs, fixed.logprobs, FORWARD_ULPS)
+  for out in (shrunk, pool):
+    assert fixed.computed > out.computed >= out.lengths.sum()
+  order = np.argsort([len(p) for p in prompts], kind="stable")  # batches of similar length
+  assert fixed.computed == batch_size * 3 * sum(  # rows x (longest row) per batch
+      fixed.lengths[order[i:i + batch_size]].max() for i in range(0, 6, batch_size))
