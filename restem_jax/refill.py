@@ -28,7 +28,8 @@ import numpy as np
 
 from restem_jax import model as model_lib
 from restem_jax import multihost, partitioning
-from restem_jax.sampling import Samples, SamplingConfig, next_token, bucket_length, left_pad, prefill
+from restem_jax.sampling import (Samples, SamplingConfig, bucket_length, left_pad, next_token, prefill,
+                                 take_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rows", "width", "t", "rules"))
@@ -113,11 +114,7 @@ def ring_decode(params, state, stop_at_done, eos_id, pad_id, *, cfg: model_lib.M
         lambda s: ~jnp.all(s["done"]) & (jnp.sum(s["done"]) < stop_at_done), body, state)
 
 
-@jax.jit
-def ring_compact(state, keep_M):
-  """The pool's rows `keep_M` only (a smaller pool)."""
-  r = state["done"].shape[0]
-  return jax.tree.map(lambda x: x[keep_M] if x.ndim and x.shape[0] == r else x, state)
+ring_compact = jax.jit(take_rows)  # the pool's rows `keep_M` only (a smaller pool)
 
 
 def sample_refill(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[int]],

@@ -338,13 +338,17 @@ def decode_loop(params, state, prefix, min_live, eos_id, pad_id, *, cfg: model_l
         lambda s: (s["step"] < t) & (s["step"] <= width) & (jnp.sum(~s["done"]) > min_live), body, state)
 
 
+def take_rows(state, keep_M):
+  """A decode state's rows keep_M only (its batch-leading arrays; scalars stay)."""
+  r = state["done"].shape[0]
+  return jax.tree.map(lambda x: x[keep_M] if x.ndim and x.shape[0] == r else x, state)
+
+
 @jax.jit
 def decode_shrink(state, prefix, keep_M, source_M):
   """The state's rows keep_M only, each with its own copy of its prompt's prefix
   (prefix row source_M[i]): a smaller batch."""
-  r = state["done"].shape[0]
-  state = jax.tree.map(lambda x: x[keep_M] if x.ndim and x.shape[0] == r else x, state)
-  return state, jax.tree.map(lambda x: x[source_M], prefix)
+  return take_rows(state, keep_M), jax.tree.map(lambda x: x[source_M], prefix)
 
 
 def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id: int, pad_id: int, *,
