@@ -22,6 +22,7 @@ DATA = [  # seqio tasks; the model, sampler and trainer import without these
     "seqio==0.0.20",
     "tensorflow==2.21.0",
     "tensorflow-datasets==4.9.10",
+    "importlib_resources>=6",  # TFDS imports it for prepare but does not declare it
 ]
 REPORT = ["pandas>=2.2", "matplotlib>=3.8", "tensorboardX>=2.6"]
 TEST = [

@@ -3,6 +3,13 @@
     import seqio, tasks.seqio_tasks     # registers arith, math, gsm8k, apps, humaneval
     seqio.get_mixture_or_task("math").get_dataset(split="test", sequence_length=...)
 
+MATH, GSM8K, APPS and HumanEval read their records from the TFDS builders of
+`tasks.tfds` (`seqio.TfdsDataSource`, prepared on first use from the data
+folder into `tfds_data_dir`, by default TFDS's own); `arith`, which is
+generated, and APPS with two of its three difficulties read through the task's
+reader (`seqio.FunctionDataSource`), as does any task registered with
+`use_tfds=False`.  Both give the same examples (tests).
+
 Each task yields `inputs` (the prompt) and `targets` (the reference solution),
 tokenised with the vocabulary it was registered with; its `metric_fns` score
 decoded predictions with the task's own verifier, so `seqio.Evaluator` works
@@ -24,6 +31,7 @@ import tasks as tasks_lib
 from restem_jax import verifiers
 from restem_jax import vocab as vocab_lib
 from tasks import common
+from tasks import tfds as restem_tfds
 
 
 class _Vocabulary(seqio.Vocabulary):
@@ -84,21 +92,48 @@ def verifier_metric(task: common.Task, workers: int | None = None):
   return accuracy
 
 
-def register(task: common.Task, vocab=None, name: str | None = None) -> seqio.Task:
-  """`task` (a value: its data folder, prompt and options) as the seqio Task `name`."""
-  name = name or task.name
+def _from_records(task: common.Task, fields: dict):
+  """Preprocessor: a TFDS record -> inputs (the task's prompt, rendered in Python as the
+  reader's records are, chat templates included), targets, answer, id."""
+  keys = [k for k, kind in fields.items() if kind not in ("texts", "ratings")]
 
-  def dataset_fn(split, shuffle_files=False, seed=None):
-    rows = task.load(split)
-    return tf.data.Dataset.from_tensor_slices({
-        "inputs": [r["prompt"] for r in rows], "targets": [r.get("solution") or "" for r in rows],
-        "answer": [str(r.get("answer", "")) for r in rows], "id": [str(r["id"]) for r in rows]})
+  def render(*values):
+    return task.format_prompt(restem_tfds.decode({k: v.numpy() for k, v in zip(keys, values)}, fields))
+
+  def one(ex):
+    prompt = tf.py_function(render, [ex[k] for k in keys], tf.string)
+    prompt.set_shape([])
+    return {"inputs": prompt, "targets": ex["solution"], "answer": ex["answer"], "id": ex["id"]}
+  return lambda ds: ds.map(one, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def register(task: common.Task, vocab=None, name: str | None = None, *, use_tfds: bool = True,
+             tfds_data_dir: str | None = None) -> seqio.Task:
+  """`task` (a value: its data folder, prompt and options) as the seqio Task `name`.
+
+  Its records come from its TFDS dataset (`tasks.tfds.tfds_name(task)`; the data
+  folder `task.data_dir` is the builder's source, `tfds_data_dir` where it is
+  prepared), or from the task's reader where it has none or `use_tfds` is False."""
+  name = name or task.name
+  tfds_name = restem_tfds.tfds_name(task) if use_tfds else None
+  if tfds_name:
+    source = seqio.TfdsDataSource(
+        tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=restem_tfds.split_map(task),
+        tfds_builder_kwargs={"source_dir": common.resolve_data_dir(task.data_dir)})
+    first = [_from_records(task, restem_tfds.BUILDERS[task.name].FIELDS)]
+  else:
+    def dataset_fn(split, shuffle_files=False, seed=None):
+      rows = task.load(split)
+      return tf.data.Dataset.from_tensor_slices({
+          "inputs": [r["prompt"] for r in rows], "targets": [r.get("solution") or "" for r in rows],
+          "answer": [str(r.get("answer", "")) for r in rows], "id": [str(r["id"]) for r in rows]})
+    source, first = seqio.FunctionDataSource(dataset_fn, splits=task.splits), []
 
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(dataset_fn, splits=task.splits),
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      name, source=source,
+      preprocessors=first + [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
       output_features=_features(vocab), postprocess_fn=_postprocess,
       metric_fns=[verifier_metric(task)])
 
