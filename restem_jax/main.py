@@ -103,6 +103,29 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
                     transfer=transfer, sample_task=sample_task)
 
 
+def run_values(run_dir: str) -> dict:
+  """What a ReST^EM run was configured with, read back from its config.gin: `model`
+  (a ModelConfig; a Hugging Face model's where it had one), `vocab`, `task` (the
+  main task with its data folder, options, prompt and chat format), `config` (its
+  RestemConfig).  For notebooks and scripts that look at a run; clears gin's bindings."""
+  import gin
+  from restem_jax.checkpoints import absolute
+  path = os.path.join(run_dir, "config.gin")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not found (is {run_dir} a ReST^EM run folder?)")
+  register_configurables()
+  with gin.unlock_config():
+    gin.clear_config()
+    gin.parse_config_file(path)
+    b = gin.get_bindings("restem_main")
+    gin.clear_config()
+  config = b["config"]
+  model, vocab = _setup(b["model"], absolute(config.hf_model_dir))
+  task = _task(config.task, absolute(b.get("data_dir", "")), b.get("task_options"), b.get("prompt", ""),
+               b.get("chat"), vocab, b.get("allow_unisolated_code", False))
+  return dict(model=model, vocab=vocab, task=task, config=config)
+
+
 def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(1,), batch_size=64,
               limit=0, out="", data_dir="", task_options=None, hf_model_dir="", prompt="", chat=None,
               allow_unisolated_code=False):

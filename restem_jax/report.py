@@ -42,6 +42,23 @@ def plain(t: list[list[str]]) -> str:
                    for row in t)
 
 
+def rows_of(summary: dict) -> list[dict]:
+  """A run's rows from its summary.json: its starting rows (base, SFT), then its iterations."""
+  starts = [summary[k] for k in ("base", "sft") if k in summary] or [summary["baseline"]]
+  return starts + summary["iterations"]
+
+
+def frame(summary: dict):
+  """The report's table (report.md's columns) as a pandas DataFrame, one row per model,
+  accuracies in %."""
+  import types
+  import pandas as pd
+  rows = rows_of(summary)
+  ks = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("sampled_pass_at_")})
+  t = table(rows, types.SimpleNamespace(pass_k=ks))
+  return pd.DataFrame(t[1:], columns=t[0]).set_index("model").apply(pd.to_numeric, errors="coerce")  # "-": NaN
+
+
 def _start(rows: list[dict]) -> dict:
   """The row ReST^EM started from (marked `start`; the last row before iteration 1)."""
   return next((r for r in rows if r.get("start")), [r for r in rows if r["iteration"] == 0][-1])

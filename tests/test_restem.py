@@ -128,6 +128,23 @@ def test_evaluate_api_on_a_run_checkpoint(uninterrupted, monkeypatch):
   assert s["pass@4"] >= s["pass@1"]
 
 
+def test_a_runs_values_and_table_read_back(uninterrupted):
+  """main.run_values: the model, task and config the run file gave the run; report.frame:
+  report.md's table, numbers."""
+  from restem_jax import main, report
+  run_dir, summary = uninterrupted
+  v = main.run_values(run_dir)
+  assert (v["model"].num_layers, v["model"].mlp_dim, v["model"].vocab_size) == (2, 128, 259)
+  assert v["task"].name == "arith" and len(v["task"].load("test")) == 64  # the tiny file's ArithConfig.sizes
+  assert v["config"].num_iterations == 2 and v["config"].eval_sampling.num_samples == 4
+  df = report.frame(summary)
+  assert list(df.index) == ["SFT (human data)", "ReST^EM iter 1", "ReST^EM iter 2"]
+  assert df.loc["ReST^EM iter 2", "test pass@1"] == round(100 * summary["iterations"][1]["test_pass_at_1"], 1)
+  assert df.loc["ReST^EM iter 1", "kept"] == summary["iterations"][0]["kept_samples"]
+  with open(os.path.join(run_dir, "report.md")) as f:
+    assert " | ".join(["model"] + list(df.columns)) in f.read()
+
+
 @pytest.mark.parametrize("name", sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "gin")) if f.endswith(".gin")))
 def test_gin_files_parse(name):
   import gin
