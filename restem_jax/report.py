@@ -115,7 +115,8 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
   iterations): report.md, summary.json, plots.  `seconds`: time per kind of work."""
   iters = [r for r in rows if r["iteration"] > 0]
   start = _start(rows)
-  best = max(iters, key=lambda r: (r["validation_pass_at_1"], -r["iteration"])) if iters else start
+  # the best by validation among the start and the iterations (a tie goes to the earlier)
+  best = max([start] + iters, key=lambda r: (r.get("validation_pass_at_1", -1.0), -r["iteration"]))
   named = {r["name"]: r for r in rows if r["iteration"] == 0}
   summary = dict(
       task=cfg.task,
@@ -150,10 +151,12 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
   split = ""
   if seconds:
     split = " Time: " + ", ".join(f"{k.replace('_', '-')} {v:.0f} s" for k, v in seconds.items()) + "."
+  chosen = (f"best iteration by validation: {best['iteration']} (test pass@1 "
+            f"{100 * best['test_pass_at_1']:.1f} vs {100 * start['test_pass_at_1']:.1f})" if best is not start else
+            f"no iteration beat {start['name']} on validation, so it stays the best model (test pass@1 "
+            f"{100 * start['test_pass_at_1']:.1f})" if iters else "no ReST^EM iteration ran")
   md = (f"# ReST^EM on `{cfg.task}`\n\n{markdown(t)}\n\nAccuracies in %. ReST^EM started from "
-        f"{start['name']}; best iteration by validation: {best['iteration']} (test pass@1 "
-        f"{100 * best['test_pass_at_1']:.1f} vs {100 * start['test_pass_at_1']:.1f}). "
-        f"Wall time {wall_time_s:.0f} s.{split}\n")
+        f"{start['name']}; {chosen}. Wall time {wall_time_s:.0f} s.{split}\n")
   if "best_checkpoint" in summary:
     md += f"\nBest checkpoint: `{summary['best_checkpoint']}`.\n"
   if "export_command" in summary:
@@ -165,8 +168,8 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
   with open(os.path.join(run_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print("\n" + plain(t))
-  print(f"\nbest iteration (by validation): {best['iteration']}; test pass@1 "
-        f"{100 * start['test_pass_at_1']:.1f} ({start['name']}) -> {100 * best['test_pass_at_1']:.1f} "
-        f"({summary['improvement_points']:+.1f} points); wall time {wall_time_s:.0f} s{split}")
+  print(f"\n{chosen}; test pass@1 {100 * start['test_pass_at_1']:.1f} ({start['name']}) -> "
+        f"{100 * best['test_pass_at_1']:.1f} ({summary['improvement_points']:+.1f} points); "
+        f"wall time {wall_time_s:.0f} s{split}")
   print(f"report: {os.path.join(run_dir, 'report.md')}")
   return summary
