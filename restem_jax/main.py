@@ -58,7 +58,11 @@ def _task(name, data_dir, task_options, prompt="", chat=None, vocab=None, allow_
   sampling: without bubblewrap it refuses unless `allow_unisolated`."""
   import dataclasses
   import tasks
-  task = tasks.get(name, data_dir=data_dir, options=dict(task_options or {}).get(name), prompt=prompt)
+  options = dict(task_options or {})
+  if options and name not in options and getattr(tasks.TASKS.get(name), "configure", None):
+    logging.warning("task %s takes options, but task_options gives them only for %s: %s runs with its "
+                    "defaults (a run file copied from another task?)", name, sorted(options), name)
+  task = tasks.get(name, data_dir=data_dir, options=options.get(name), prompt=prompt)
   if hasattr(task.verifier, "allow_unisolated"):
     from restem_jax.verifiers import sandbox
     sandbox.require_isolation(allow_unisolated)
@@ -268,17 +272,25 @@ def execute(fn):
 @functools.lru_cache(maxsize=1)
 def register_configurables():
   """Registers the configurable dataclasses and entry points (once per process)."""
+  import dataclasses
+
   import gin
-  from restem_jax import model, restem, sampling, training
-  from restem_jax import gguf
-  from tasks import arith, common
+
+  import tasks
+  from restem_jax import gguf, model, restem, rollouts, sampling, training
+  from tasks import common
   gin.external_configurable(gguf.smollm2_path, "smollm2_path")
   gin.external_configurable(common.ChatFormat, "ChatFormat")
   gin.external_configurable(model.ModelConfig, "ModelConfig")
   gin.external_configurable(sampling.SamplingConfig, "SamplingConfig")
   gin.external_configurable(training.TrainConfig, "TrainConfig")
   gin.external_configurable(restem.RestemConfig, "RestemConfig")
-  gin.external_configurable(arith.ArithConfig, "ArithConfig")
+  for task in tasks.TASKS.values():  # every registered task's options type (arith: ArithConfig)
+    if dataclasses.is_dataclass(task.options):
+      gin.external_configurable(type(task.options), type(task.options).__name__)
+  gin.external_configurable(rollouts.select, "select_first")
+  gin.external_configurable(rollouts.select_shortest, "select_shortest")
+  gin.external_configurable(training.nll_loss, "nll_loss")
   gin.external_configurable(restem_main, "restem_main")
   gin.external_configurable(eval_main, "eval_main")
   from restem_jax import reward_run

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable
 
 import jax
 import numpy as np
@@ -57,6 +58,10 @@ class RestemConfig:
   # E-step (paper: 32 samples for MATH, 64 for APPS; temperature 0.7; top-k 40; <= 10 kept).
   sampling: SamplingConfig = SamplingConfig(num_samples=32, temperature=0.7, top_k=40)
   max_per_problem: int = 10
+  # the selection rule: (rollouts, max_per_problem) -> [problems, samples] bool mask of the
+  # kept samples (`rollouts.select`: the first distinct correct ones; `rollouts.select_shortest`;
+  # any function: `RestemConfig.select = @my_rule` after `import my_module` in the run file)
+  select: Callable = rollouts.select
   # with a sampling prompt of its own (restem_main.sample_chat, e.g. few-shot): the first N
   # iterations sample with it, later ones with the training prompt, which the policy is by
   # then fine-tuned on (0: every iteration)
@@ -67,6 +72,9 @@ class RestemConfig:
   include_human_data: bool = False  # train on the human solutions too
   mstep_epochs: float = 0.0  # > 0: M-step steps = epochs * examples / batch (else TrainConfig)
   mstep_min_steps: int = 0  # with mstep_epochs: at least this many steps (small kept sets get more epochs)
+  # the M-step's loss, a function of the ModelConfig returning `training.train`'s loss_fn
+  # (default: the reward-weighted NLL, `training.nll_loss`); SFT keeps the NLL
+  mstep_loss: Callable = training.nll_loss
   max_len: int = 128  # training sequence length (prompt + completion + EOS)
   # evaluation: pass@k / maj@k from eval_sampling's samples of each test problem; greedy
   # evaluation and validation decode up to eval_sampling.max_new_tokens too
@@ -161,10 +169,14 @@ def step_filter(r: rollouts.Rollouts, task, vocab, problems: list[dict]) -> tupl
 
 
 def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_problem: int,
-         path: str) -> tuple[np.ndarray, dict]:
-  """Selects the kept samples, writes them to `path` (JSONL: text and token ids), returns (mask, stats).
-  `problems` give the prompt text that is trained on (`r`'s prompts are its tokens)."""
-  mask = rollouts.select(r, max_per_problem)
+         path: str, select: Callable = rollouts.select) -> tuple[np.ndarray, dict]:
+  """Selects the kept samples with `select(r, max_per_problem)`, writes them to `path` (JSONL:
+  text and token ids), returns (mask, stats).  `problems` give the prompt text that is
+  trained on (`r`'s prompts are its tokens)."""
+  mask = np.asarray(select(r, max_per_problem), bool)
+  if mask.shape != r.rewards.shape:
+    raise ValueError(f"selection rule {getattr(select, '__name__', select)!r} returned a mask of shape "
+                     f"{mask.shape}; expected [problems, samples] = {r.rewards.shape}")
   prompts = {str(p["id"]): p["prompt"] for p in problems}
   texts = r.texts(vocab, task.stop)
   kept = [dict(id=str(r.problem_ids[i]), prompt=prompts[str(r.problem_ids[i])], completion=texts[i][j],
@@ -185,11 +197,14 @@ def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_proble
 
 
 def m_step(engine: evaluation.Engine, tc: training.TrainConfig, data: dict, stage_dir: str,
-           init_params, validate, log: RunLog, epochs: float = 0.0, min_steps: int = 0):
-  """Fine-tunes from init_params (resumable); epochs > 0 sets the step count from the data
-  size (at least `min_steps`).  Returns (best params by `validate`, best score)."""
+           init_params, validate, log: RunLog, epochs: float = 0.0, min_steps: int = 0,
+           loss: Callable = training.nll_loss):
+  """Fine-tunes from init_params (resumable) on `loss(model config)`; epochs > 0 sets the
+  step count from the data size (at least `min_steps`).  Returns (best params by
+  `validate`, best score)."""
   from tqdm.auto import tqdm
-  data = training.prepare(data, tc)  # packed rows: an epoch counts rows
+  loss_fn = loss(engine.model)
+  data = training.prepare(data, tc, loss_fn)  # packed rows (if the loss reads them): an epoch counts rows
   if epochs > 0:
     steps = max(int(np.ceil(epochs * len(data["reward"]) / tc.batch_size)), min_steps)
     tc = dataclasses.replace(tc, total_steps=max(steps, tc.warmup_steps + 1),
@@ -200,7 +215,8 @@ def m_step(engine: evaluation.Engine, tc: training.TrainConfig, data: dict, stag
       bar.n = step
       bar.refresh()
     params, score, _ = training.train(
-        engine.model, tc, data, os.path.join(stage_dir, "train"), engine.mesh, init_params=init_params,
+        engine.model, tc, data, os.path.join(stage_dir, "train"), engine.mesh, loss_fn=loss_fn,
+        init_params=init_params,
         validate=validate, log=lambda m: log(stage, {k: v for k, v in m.items() if k != "step"}, m["step"]),
         progress=progress)
   return params, score
@@ -312,7 +328,7 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   if cfg.require_correct_steps:
     r, dropped = step_filter(r, task, engine.vocab, pool)
     filtered.update(dropped)
-  mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path)
+  mask, stats = keep(r, task, pool, engine.vocab, cfg.max_per_problem, kept_path, cfg.select)
   stats.update(filtered)
   stats["seqio_task"] = _register_kept(f"{task.name}_restem_iter{it}", kept_path, engine.vocab)
   log(f"iter_{it}", stats)
@@ -325,7 +341,7 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
     return policy, dict(stats, m_step_skipped=True), None
   with log.timed("m_step"):
     params, score = m_step(engine, mstep, data, stage_dir, init, validate, log, cfg.mstep_epochs,
-                           cfg.mstep_min_steps)
+                           cfg.mstep_min_steps, cfg.mstep_loss)
   return params, stats, score
 
 

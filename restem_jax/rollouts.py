@@ -156,6 +156,20 @@ def select(r: Rollouts, max_per_problem: int) -> np.ndarray:
   return keep
 
 
+def select_shortest(r: Rollouts, max_per_problem: int) -> np.ndarray:
+  """[P, S] mask: each problem's `max_per_problem` shortest distinct rewarded samples
+  (fewest tokens; ties to the earlier sample)."""
+  keep = np.zeros(r.rewards.shape, bool)
+  for i in range(r.num_problems):
+    seen = set()
+    for j in sorted(range(r.num_samples), key=lambda j: (int(r.lengths[i, j]), j)):
+      c = tuple(r.completion(i, j))
+      if r.rewards[i, j] > 0 and c not in seen and len(seen) < max_per_problem:
+        seen.add(c)
+        keep[i, j] = True
+  return keep
+
+
 def examples(r: Rollouts, keep: np.ndarray, eos_id: int, max_len: int,
              prompts: Sequence[Sequence[int]] | None = None) -> dict:
   """The kept samples as a training set: prompt + sampled completion + EOS.

@@ -157,12 +157,17 @@ def read(split: str, data_dir: str, options: ArithConfig | None) -> list[dict]:
   return _all_splits(options or ArithConfig())[split]
 
 
+def configure(task: common.Task, options) -> common.Task:
+  """`task` with these knobs (an ArithConfig or a dict of its fields): its splits follow `sizes`."""
+  options = common.as_options(ArithConfig, options, task.name)
+  return dataclasses.replace(task, splits=tuple(dict(options.sizes)), options=options)
+
+
 def make(options: ArithConfig = ArithConfig(), prompt: str = "{problem}=") -> common.Task:
   """The arith task with these knobs (splits follow `options.sizes`)."""
-  return common.Task(name="arith", splits=tuple(dict(options.sizes)), read=read,
-                     verifier=MathVerifier(), prompt=prompt, options=options,
-                     step_checker=check_steps, step_separator=STEP_SEPARATOR,
-                     step_labels=step_ratings)
+  return configure(common.Task(name="arith", splits=(), read=read, verifier=MathVerifier(), prompt=prompt,
+                               step_checker=check_steps, step_separator=STEP_SEPARATOR,
+                               step_labels=step_ratings, configure=configure), options)
 
 
 TASK = make()

@@ -79,6 +79,9 @@ class Task:
   step_checker: Callable | None = None  # (solution, record) -> [bool per step], where steps are checkable
   step_separator: str = r"\n+"  # regex between a solution's steps (reward models)
   step_labels: Callable | None = None  # (solution, step spans, answer correct, record) -> [+1/0/-1 per step]
+  # (task, options) -> the task with these options, where they change more than `options`
+  # (arith: its splits follow the sizes); options may come as a dict of the options' fields
+  configure: Callable | None = None
 
   def format_prompt(self, record: dict) -> str:
     if callable(self.prompt):
@@ -93,6 +96,21 @@ class Task:
     if split not in self.splits:
       raise KeyError(f"{self.name}: unknown split {split!r}; splits: {list(self.splits)}")
     return _load(self, split, resolve_data_dir(self.data_dir))
+
+
+def as_options(cls, value, task_name: str):
+  """`value` as the options dataclass `cls`: an instance as it is, a dict of its fields
+  (so a run file needs no gin registration: `task_options = {'digitsum': {'seed': 1}}`)."""
+  if isinstance(value, cls):
+    return value
+  if isinstance(value, dict):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+      raise ValueError(f"task {task_name}: unknown options {unknown}; {cls.__name__} has {sorted(fields)}")
+    return cls(**value)
+  raise TypeError(f"task {task_name}: options should be a {cls.__name__} or a dict of its fields, "
+                  f"got {type(value).__name__}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -85,6 +85,16 @@ def test_select_keeps_distinct_rewarded_in_sample_order():
   assert keep.tolist() == [[True, False, False, True, False], [False] * 5]
 
 
+def test_select_shortest_keeps_the_shortest_distinct_rewarded():
+  rewards = np.array([[1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0]])
+  comps = [[[4, 4, 4], [5, 5], [6], [5, 5], [7, 7], [8, 8, 8, 8]], [[4], [5, 6, 7], [6], [7], [8], [9]]]
+  keep = rollouts.select_shortest(_fake(rewards, comps), max_per_problem=2)
+  # [6] is shorter but unrewarded; [5, 5] twice is one sample; [7, 7] ties [5, 5] in length, comes later
+  assert keep.tolist() == [[False, True, False, False, True, False], [False, True] + [False] * 4]
+  one = rollouts.select_shortest(_fake(rewards, comps), max_per_problem=1)
+  assert one.sum(1).tolist() == [1, 1] and one[0, 1]
+
+
 def test_save_load_concat(tmp_path):
   a = _fake(np.array([[1, 0]]), [[[4, 5], [6]]])
   b = dataclasses_replace_prompt(_fake(np.array([[0, 1]]), [[[7], [8, 9, 10]]]))
