@@ -11,11 +11,12 @@ latest ones, in the same folder.
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from restem_jax import files
 
 
 class _QuietUnscoredSaves(logging.Filter):
@@ -26,14 +27,6 @@ class _QuietUnscoredSaves(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietUnscoredSaves())
-
-
-def absolute(path: str) -> str:
-  """A local path made absolute (orbax refuses relative ones); a URI such as
-  gs://bucket/run passes through untouched; "" stays ""."""
-  if not path or "://" in str(path):
-    return path
-  return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def manager(directory: str, keep: int = 2, best_metric: str | None = None) -> ocp.CheckpointManager:
@@ -49,7 +42,7 @@ def manager(directory: str, keep: int = 2, best_metric: str | None = None) -> oc
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(keep),
             policies.BestN(get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False)]))
-  return ocp.CheckpointManager(absolute(directory), options=options)
+  return ocp.CheckpointManager(files.absolute(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, items: dict, metrics: dict | None = None) -> None:

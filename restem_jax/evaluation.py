@@ -21,7 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from restem_jax import checkpoints, partitioning, rollouts, sampling
+from restem_jax import checkpoints, files, partitioning, report, rollouts, sampling
 from restem_jax import model as model_lib
 
 
@@ -146,7 +146,7 @@ def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequenc
     summary, _ = score(r, ks)
     for key, v in summary.items():
       if key.startswith(("pass@", "maj@")):  # from temperature samples (greedy pass@1 is above)
-        m["sampled_" + key.replace("@", "_at_")] = v
+        m[report.sampled_key(key)] = v
   return m
 
 
@@ -156,7 +156,7 @@ def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | No
   step by validation, else its latest; `.../train` or `.../train/checkpoints`),
   or from a Hugging Face model folder.  `init(cfg, rng)` gives the tree's
   structure (a reward model's: `reward.init_params`)."""
-  path = checkpoints.absolute(path)
+  path = files.absolute(path)
   if path.endswith(".gguf") or os.path.exists(os.path.join(path, "config.json")):
     from restem_jax import hf
     return hf.load_params(path, cfg, mesh)

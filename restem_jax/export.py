@@ -314,7 +314,7 @@ def to_gguf(params, cfg: model_lib.ModelConfig, out_path: str, base: str, file_t
 def load(checkpoint: str, base: str = "", reward_model: bool = False, mesh=None):
   """(ModelConfig, params) of `checkpoint` with the base's architecture."""
   from restem_jax import evaluation, reward
-  from restem_jax.checkpoints import absolute
+  from restem_jax.files import absolute
   checkpoint, base = absolute(checkpoint), absolute(base)
   if not base:
     if not (hf.is_gguf(checkpoint) or os.path.exists(os.path.join(checkpoint, "config.json"))):

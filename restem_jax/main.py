@@ -93,7 +93,7 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
   `chat` / `prompt`."""
   import dataclasses
   from restem_jax import restem
-  from restem_jax.checkpoints import absolute
+  from restem_jax.files import absolute
   run_dir, data_dir = absolute(run_dir), absolute(data_dir)
   config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir),
                                prm_filter=absolute(config.prm_filter), export_dir=absolute(config.export_dir))
@@ -113,7 +113,7 @@ def run_values(run_dir: str) -> dict:
   main task with its data folder, options, prompt and chat format), `config` (its
   RestemConfig).  For notebooks and scripts that look at a run; clears gin's bindings."""
   import gin
-  from restem_jax.checkpoints import absolute
+  from restem_jax.files import absolute
   path = os.path.join(run_dir, "config.gin")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not found (is {run_dir} a ReST^EM run folder?)")
@@ -136,7 +136,7 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
   """Evaluates `checkpoint` (a training folder, or hf_model_dir itself when empty):
   greedy pass@1, and pass@k / maj@k of `sampling`'s samples."""
   from restem_jax import evaluation
-  from restem_jax.checkpoints import absolute
+  from restem_jax.files import absolute
   from restem_jax.sampling import SamplingConfig
   checkpoint, out, data_dir, hf_model_dir = map(absolute, (checkpoint, out, data_dir, hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
@@ -163,7 +163,7 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
   model reads the samples behind `chat` / `prompt`."""
   import dataclasses
   from restem_jax import reward_run
-  from restem_jax.checkpoints import absolute
+  from restem_jax.files import absolute
   run_dir, data_dir, hf_model_dir = absolute(run_dir), absolute(data_dir), absolute(hf_model_dir)
   config = dataclasses.replace(config, policy=absolute(config.policy),
                                init=config.init if config.init in ("policy", "scratch") else absolute(config.init))
@@ -191,8 +191,8 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
   few-shot); the reward models read the samples behind `chat` / `prompt`."""
   import dataclasses
   from restem_jax import restem, reward_run
-  from restem_jax.checkpoints import absolute
-  from restem_jax.runlog import write_json
+  from restem_jax.files import absolute
+  from restem_jax.files import write_json
   from restem_jax.sampling import SamplingConfig
   run_dir, policy, orm, prm, data_dir, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, data_dir,
                                                                     hf_model_dir))

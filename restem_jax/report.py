@@ -1,13 +1,18 @@
 """The end-of-run report: a table (terminal + Markdown), summary.json, PNG plots."""
 from __future__ import annotations
 
-import json
 import os
 
-from restem_jax import multihost
+from restem_jax import files, multihost
 
 COLUMNS = [("train pass@1", "train_pass_at_1"), ("val pass@1", "validation_pass_at_1"),
            ("test pass@1", "test_pass_at_1"), ("gap", "train_test_gap")]
+
+
+def sampled_key(metric: str) -> str:
+  """The row key of a metric of temperature samples: "pass@4" -> "sampled_pass_at_4"
+  (evaluation writes rows under these keys, the table and plots read them)."""
+  return "sampled_" + metric.replace("@", "_at_")
 
 
 def _fmt(v):
@@ -21,7 +26,7 @@ def _fmt(v):
 def table(rows: list[dict], cfg) -> list[list[str]]:
   cols = list(COLUMNS)
   for k in cfg.pass_k:
-    cols += [(f"pass@{k}", f"sampled_pass_at_{k}"), (f"maj@{k}", f"sampled_maj_at_{k}")]
+    cols += [(f"pass@{k}", sampled_key(f"pass@{k}")), (f"maj@{k}", sampled_key(f"maj@{k}"))]
   cols += [(key.split("/")[1] + "/" + key.split("/")[2].replace("_pass_at_1", ""), key)
            for key in rows[0] if key.startswith("transfer/")]
   cols += [("kept", "kept_samples"), ("solved", "problems_solved"), ("wrong-step kept", "kept_with_wrong_step")]
@@ -54,7 +59,7 @@ def frame(summary: dict):
   import types
   import pandas as pd
   rows = rows_of(summary)
-  ks = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("sampled_pass_at_")})
+  ks = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith(sampled_key("pass@"))})
   t = table(rows, types.SimpleNamespace(pass_k=ks))
   return pd.DataFrame(t[1:], columns=t[0]).set_index("model").apply(pd.to_numeric, errors="coerce")  # "-": NaN
 
@@ -91,11 +96,11 @@ def plots(run_dir: str, rows: list[dict], cfg) -> list[str]:
   out.append(os.path.join(run_dir, "train_vs_test.png"))
   fig.savefig(out[-1], dpi=120)
   plt.close(fig)
-  ks = [k for k in cfg.pass_k if all(f"sampled_pass_at_{k}" in r for r in rows)]
+  ks = [k for k in cfg.pass_k if all(sampled_key(f"pass@{k}") in r for r in rows)]
   if ks:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:
-      ax.plot(ks, [100 * r[f"sampled_pass_at_{k}"] for k in ks], "o-", label=r["name"])
+      ax.plot(ks, [100 * r[sampled_key(f"pass@{k}")] for k in ks], "o-", label=r["name"])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
@@ -115,8 +120,10 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
   iterations): report.md, summary.json, plots.  `seconds`: time per kind of work."""
   iters = [r for r in rows if r["iteration"] > 0]
   start = _start(rows)
-  # the best by validation among the start and the iterations (a tie goes to the earlier)
-  best = max([start] + iters, key=lambda r: (r.get("validation_pass_at_1", -1.0), -r["iteration"]))
+  # the best by validation among the start and the iterations: the start only when no
+  # iteration validates as high; a tie between iterations goes to the earlier
+  best = max([start] + iters, key=lambda r: (r.get("validation_pass_at_1", -1.0), r is not start,
+                                              -r["iteration"]))
   named = {r["name"]: r for r in rows if r["iteration"] == 0}
   summary = dict(
       task=cfg.task,
@@ -151,22 +158,22 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
   split = ""
   if seconds:
     split = " Time: " + ", ".join(f"{k.replace('_', '-')} {v:.0f} s" for k, v in seconds.items()) + "."
-  chosen = (f"best iteration by validation: {best['iteration']} (test pass@1 "
-            f"{100 * best['test_pass_at_1']:.1f} vs {100 * start['test_pass_at_1']:.1f})" if best is not start else
-            f"no iteration beat {start['name']} on validation, so it stays the best model (test pass@1 "
-            f"{100 * start['test_pass_at_1']:.1f})" if iters else "no ReST^EM iteration ran")
+  chosen = f"best iteration (by validation): {best['iteration']}"
+  if best is start:
+    chosen += (f", the start: no iteration validated as high as {start['name']}" if iters else
+               ", the start: no ReST^EM iteration ran")
   md = (f"# ReST^EM on `{cfg.task}`\n\n{markdown(t)}\n\nAccuracies in %. ReST^EM started from "
-        f"{start['name']}; {chosen}. Wall time {wall_time_s:.0f} s.{split}\n")
+        f"{start['name']}; {chosen} (test pass@1 {100 * best['test_pass_at_1']:.1f} vs "
+        f"{100 * start['test_pass_at_1']:.1f}). Wall time {wall_time_s:.0f} s.{split}\n")
   if "best_checkpoint" in summary:
     md += f"\nBest checkpoint: `{summary['best_checkpoint']}`.\n"
   if "export_command" in summary:
     md += f"Export it as a Hugging Face folder:\n\n```bash\n{summary['export_command']}\n```\n"
   pngs = plots(run_dir, rows, cfg)
   md += "".join(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in pngs)
-  with open(os.path.join(run_dir, "report.md"), "w") as f:
+  with files.atomic(os.path.join(run_dir, "report.md")) as f:
     f.write(md)
-  with open(os.path.join(run_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(os.path.join(run_dir, "summary.json"), summary)
   print("\n" + plain(t))
   print(f"\n{chosen}; test pass@1 {100 * start['test_pass_at_1']:.1f} ({start['name']}) -> "
         f"{100 * best['test_pass_at_1']:.1f} ({summary['improvement_points']:+.1f} points); "

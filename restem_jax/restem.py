@@ -34,9 +34,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from restem_jax import evaluation, multihost, partitioning, report, reward, rollouts, training
+from restem_jax import evaluation, files, multihost, partitioning, report, reward, rollouts, training
 from restem_jax import model as model_lib
-from restem_jax.runlog import RunLog, read_json, write_json
+from restem_jax.files import read_json, write_json
+from restem_jax.runlog import RunLog
 from restem_jax.sampling import SamplingConfig
 
 
@@ -190,9 +191,8 @@ def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_proble
     stats["kept_with_wrong_step"] = float(np.mean([not all(task.step_checker(k["completion"], by_id[k["id"]]))
                                                    for k in kept]))
   if multihost.is_writer():
-    with open(path + ".tmp", "w") as f:
+    with files.atomic(path) as f:
       f.writelines(json.dumps(k) + "\n" for k in kept)
-    os.replace(path + ".tmp", path)
   return mask, stats
 
 

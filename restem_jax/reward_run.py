@@ -20,6 +20,7 @@ summary.json.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -29,9 +30,10 @@ import zlib
 import jax
 import numpy as np
 
-from restem_jax import best_of_n, evaluation, multihost, partitioning, restem, reward, rollouts, training
+from restem_jax import best_of_n, evaluation, files, multihost, partitioning, restem, reward, rollouts, training
 from restem_jax import model as model_lib
-from restem_jax.runlog import RunLog, read_json, write_json
+from restem_jax.files import read_json, write_json
+from restem_jax.runlog import RunLog
 from restem_jax.sampling import SamplingConfig
 
 
@@ -237,8 +239,7 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
   `rc.test_split` skips the test metrics (best-of-N measures on its own pool)."""
   rollouts_dir = rollouts_dir or os.path.join(run_dir, "rollouts")
   mesh = partitioning.make_mesh(tuple(mesh_shape))
-  log = RunLog(run_dir)
-  with jax.set_mesh(mesh):
+  with contextlib.closing(RunLog(run_dir)) as log, jax.set_mesh(mesh):  # the log closes on any exit
     policy = None
     if rc.source == "rollouts":
       if not rc.policy:
@@ -322,7 +323,6 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log("test", summary["test"])
     log.mark("done")
-    log.close()
     return summary
 
 
@@ -378,8 +378,7 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
   checkable, the PRM's first-wrong-step accuracy on the pool is reported too
   (`first_wrong_step`: held-out problems, every sample)."""
   mesh = partitioning.make_mesh(tuple(mesh_shape))
-  log = RunLog(run_dir)
-  with jax.set_mesh(mesh):
+  with contextlib.closing(RunLog(run_dir)) as log, jax.set_mesh(mesh):  # the log closes on any exit
     params = evaluation.load_params(policy, model, mesh)
     r = rollouts_for(_engine(model, vocab, mesh, rc), params, task, split, limit, sampling,
                      os.path.join(run_dir, "rollouts"), rc.seed, sample_task)
@@ -406,8 +405,8 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
           if multihost.is_writer():
             write_json(steps_path, steps)
         if multihost.is_writer():
-          np.savez(cache + ".tmp.npz", **saved)
-          os.replace(cache + ".tmp.npz", cache)
+          with files.atomic(cache, "wb") as f:
+            np.savez(f, **saved)
       scores[name] = saved[name]
       rm_metrics[name] = outcome_metrics(scores[name].reshape(-1), correct.reshape(-1))
     df = best_of_n.table(correct, answers, scores, num_subsets=num_subsets, seed=rc.seed)
@@ -428,5 +427,4 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
                                                            "truncated_solutions")}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log.mark("done")
-    log.close()
     return summary

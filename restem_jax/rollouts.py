@@ -15,12 +15,11 @@ Shapes: P problems, S samples per problem, T max new tokens, L prompt length.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence
 
 import numpy as np
 
-from restem_jax import multihost, sampling, training
+from restem_jax import files, multihost, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -185,9 +184,8 @@ def save(r: Rollouts, path: str) -> None:
   """Atomically writes `path` (.npz); with several processes only process 0 writes."""
   if not multihost.is_writer():
     return
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{f.name: getattr(r, f.name) for f in dataclasses.fields(Rollouts)})
-  os.replace(tmp, path)
+  with files.atomic(path, "wb") as f:
+    np.savez(f, **{field.name: getattr(r, field.name) for field in dataclasses.fields(Rollouts)})
 
 
 def load(path: str) -> Rollouts:

@@ -8,23 +8,7 @@ import os
 import time
 
 from restem_jax import multihost
-
-
-def write_json(path: str, obj) -> None:
-  """Atomically writes `path`; with several processes only process 0 writes."""
-  if not multihost.is_writer():
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+from restem_jax.files import read_json, write_json
 
 
 class RunLog:
