@@ -26,12 +26,13 @@ class _QuietUnscoredSaves(logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_QuietUnscoredSaves())
+_QUIET = _QuietUnscoredSaves()
 
 
 def manager(directory: str, keep: int = 2, best_metric: str | None = None) -> ocp.CheckpointManager:
   """Keeps the `keep` latest steps and, with `best_metric`, the step whose
   metrics[best_metric] is highest (`mngr.best_step()`)."""
+  logging.getLogger("absl").addFilter(_QUIET)  # once: a logger holds a filter once
   if best_metric is None:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)

@@ -347,3 +347,31 @@ def test_without_bubblewrap_untrusted_code_is_refused_unless_allowed(tmp_path, s
   for what in ("apps", "limits", "humaneval", "network"):
     assert f"opt-in {what} passed" in out, out
   assert "warned True" in out, out
+
+
+def test_one_worker_per_thread_replaced_when_dead_or_fresh_and_closed_once():
+  """verifiers.workers.PerThread, which the sandbox's warm workers and the sympy workers share."""
+  import threading
+  from restem_jax.verifiers import workers
+
+  class W:
+    def __init__(self):
+      self.up = True
+  closed = []
+  pool = workers.PerThread(W, alive=lambda w: w.up, close=lambda w: closed.append(w))
+  a = pool.get()
+  assert pool.get() is a
+  other = []
+  t = threading.Thread(target=lambda: other.append(pool.get()))
+  t.start()
+  t.join()
+  assert other[0] is not a  # its own worker
+  a.up = False  # died: replaced, and the dead one closed
+  b = pool.get()
+  assert b is not a and closed == [a]
+  c = pool.get(fresh=True)  # after a timeout: the hung one is closed, a new one made
+  assert c is not b and closed == [a, b]
+  pool.close_all()
+  assert closed[2:] == [other[0], c] or closed[2:] == [c, other[0]]
+  pool.close_all()
+  assert len(closed) == 4  # each closed once

@@ -22,7 +22,6 @@ itself.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import json
@@ -36,9 +35,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
+
+from restem_jax.verifiers import workers
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
 ZYGOTE = os.path.join(os.path.dirname(HARNESS), "_zygote.py")
@@ -392,31 +392,7 @@ class _WarmWorker:
     shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
-_warm = threading.local()  # one worker per verifying thread
-_warm_all: list = []
-_warm_lock = threading.Lock()
-
-
-def _warm_worker(fresh: bool = False) -> _WarmWorker:
-  w = getattr(_warm, "worker", None)
-  if w is not None and (fresh or w.pid != os.getpid() or w.proc.poll() is not None):
-    if w.pid == os.getpid():
-      w.close()
-    w = None
-  if w is None:
-    w = _warm.worker = _WarmWorker()
-    with _warm_lock:
-      _warm_all[:] = [x for x in _warm_all if x.proc.poll() is None] + [w]
-  return w
-
-
-@atexit.register
-def _close_warm_workers():
-  with _warm_lock:
-    for w in _warm_all:
-      if w.pid == os.getpid():
-        w.close()
-    _warm_all.clear()
+_warm = workers.PerThread(_WarmWorker, alive=lambda w: w.proc.poll() is None, close=_WarmWorker.close)
 
 
 def _run_warm(spec: dict, limits: Limits) -> RunResult:
@@ -428,11 +404,11 @@ def _run_warm(spec: dict, limits: Limits) -> RunResult:
               env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", **_THREAD_ENV})
   reply = None
   for attempt in range(2):  # a worker that died (not the program's doing) is replaced once
-    reply = _warm_worker(fresh=attempt > 0).ask(spec, limits.timeout_s + 15)
+    reply = _warm.get(fresh=attempt > 0).ask(spec, limits.timeout_s + 15)
     if reply is not None and "error" not in reply:
       break
   if reply is None or "error" in reply:
-    _warm_worker(fresh=True)
+    _warm.get(fresh=True)
     detail = (reply or {}).get("error", "no answer")
     raise RuntimeError(f"the warm sandbox worker failed twice ({detail}); Limits(warm=False) "
                        "starts a fresh sandbox per program instead")

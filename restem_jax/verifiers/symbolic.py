@@ -8,14 +8,14 @@ process at `timeout_s`, and a fresh worker is started for the next call.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import resource
 import select
 import subprocess
 import sys
-import threading
+
+from restem_jax.verifiers import workers
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -104,38 +104,17 @@ class _Worker:
     self.proc.wait()
 
 
-_local = threading.local()  # one worker per calling thread
-_all_workers: list[_Worker] = []
-_all_lock = threading.Lock()
-
-
-def _new_worker() -> _Worker:
-  w = _Worker()
-  with _all_lock:
-    _all_workers[:] = [x for x in _all_workers if x.alive()] + [w]
-  _local.worker, _local.pid = w, os.getpid()
-  return w
+_workers = workers.PerThread(_Worker, alive=_Worker.alive, close=_Worker.kill)
 
 
 def symbolic_equal(a: str, b: str, timeout_s: float = 1.0) -> bool:
   """sympy equality of two LaTeX strings; False on parse failure or timeout.
   After a timeout the next worker starts at once, so it is ready (sympy
   imported, ~0.5 s) by the time the next question comes."""
-  w = getattr(_local, "worker", None)
-  if w is None or not w.alive() or getattr(_local, "pid", None) != os.getpid():
-    w = _new_worker()
-  result = w.ask(a, b, timeout_s)
-  if result is None:
-    _new_worker()
+  result = _workers.get().ask(a, b, timeout_s)
+  if result is None:  # the hung worker is killed and the next one starts now
+    _workers.get(fresh=True)
   return bool(result)
-
-
-@atexit.register
-def _shutdown():
-  with _all_lock:
-    for w in _all_workers:
-      w.kill()
-    _all_workers.clear()
 
 
 if __name__ == "__main__":
