@@ -18,7 +18,6 @@ import os
 import random
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from restem_jax import checkpoints, files, partitioning, report, rollouts, sampling
@@ -163,11 +162,7 @@ def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | No
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   mesh = mesh or partitioning.make_mesh()
-  boxed = jax.eval_shape(lambda r: init(cfg, r), jax.random.key(0))
-  shardings = partitioning.logical_shardings(boxed, mesh)
-  import flax.linen as nn
-  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        nn.unbox(boxed), shardings)
+  target = partitioning.abstract_target(lambda r: init(cfg, r), mesh)
   mngr = checkpoints.manager(path, best_metric="validation")
   step = mngr.best_step() if step is None else step
   if step is None:

@@ -13,7 +13,6 @@ import json
 import os
 import struct
 
-import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
@@ -183,13 +182,11 @@ def load_params(model_dir: str, cfg: model_lib.ModelConfig, mesh=None,
                 rules=partitioning.DEFAULT_RULES):
   """Parameters of `cfg`'s decoder, read from safetensors, placed sharded."""
   mesh = mesh or partitioning.make_mesh()
-  boxed = jax.eval_shape(lambda r: model_lib.init_params(cfg, r), jax.random.key(0))
-  shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  shapes = nn.unbox(boxed)
+  target = partitioning.abstract_target(lambda r: model_lib.init_params(cfg, r), mesh, rules)
   tensors = open_checkpoint(model_dir)
   param_dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else ml_dtypes.bfloat16
 
-  def load(path, shape_dtype, sharding):
+  def load(path, shape_dtype):
     keys = tuple(p.key for p in path)
     name, fn = _hf_name_and_transform(keys, cfg)
     if name not in tensors:
@@ -199,9 +196,9 @@ def load_params(model_dir: str, cfg: model_lib.ModelConfig, mesh=None,
       raise ValueError(f"{model_dir}: tensor {name} has shape {arr.shape} after mapping, "
                        f"expected {shape_dtype.shape}")
     return jax.make_array_from_callback(
-        arr.shape, sharding, lambda idx: np.asarray(arr[idx], dtype=param_dtype))
+        arr.shape, shape_dtype.sharding, lambda idx: np.asarray(arr[idx], dtype=param_dtype))
 
-  return jax.tree_util.tree_map_with_path(load, shapes, shardings)
+  return jax.tree_util.tree_map_with_path(load, target)
 
 
 def load(model_dir: str, mesh=None, dtype: str = "float32", **overrides):

@@ -79,6 +79,15 @@ def logical_shardings(boxed_abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def abstract_target(init_fn, mesh: Mesh, rules=DEFAULT_RULES):
+  """The tree `init_fn(rng)` would give (boxed, logically named parameters) as
+  ShapeDtypeStructs carrying their shardings: what a checkpoint restores onto and what
+  an importer places arrays by.  Nothing is allocated."""
+  boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      nn.unbox(boxed), logical_shardings(boxed, mesh, rules))
+
+
 def sharding_for(mesh: Mesh, logical_names: tuple, shape: tuple, rules=DEFAULT_RULES):
   """NamedSharding of one array given by its logical axis names."""
   spec = nn.logical_to_mesh_axes(logical_names, rules)
