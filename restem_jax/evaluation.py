@@ -11,7 +11,6 @@ returning a pandas DataFrame.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import math
 import os
@@ -90,40 +89,13 @@ def score(r: rollouts.Rollouts, ks: Sequence[int] = (1,)) -> tuple[dict, list[di
   return summary, rows
 
 
-@dataclasses.dataclass(frozen=True)
-class Engine:
-  """How a policy is run: its architecture, vocabulary and mesh, prompts per
-  sampler call, verifier workers (None: one per core)."""
-  model: model_lib.ModelConfig
-  vocab: object
-  mesh: object = None
-  batch_size: int = 64
-  workers: int | None = None
-
-
-def rollout(engine: Engine, params, task, records: Sequence[dict], sc: sampling.SamplingConfig, *,
-            seed: int = 0, desc: str = "") -> rollouts.Rollouts:
-  """Samples and verifies completions of `records` (a progress bar with `desc`)."""
-  from tqdm.auto import tqdm
-  with tqdm(total=len(records), desc=desc or task.name, unit="problem", leave=False,
-            disable=None) as bar:
-    def progress(n):
-      bar.n = n
-      bar.refresh()
-    r = rollouts.sample(engine.model, params, engine.vocab, records, sc, stop=task.stop, rng=seed,
-                        batch_size=engine.batch_size, mesh=engine.mesh, progress=progress)
-  # the verifier sees the text cut where the tokens were: the task's stop and the sampler's
-  return rollouts.verify(r, records, task.verifier, engine.vocab, stop=(task.stop, *sc.stop),
-                         workers=engine.workers, progress=True)
-
-
-def greedy_pass_at_1(engine: Engine, params, task, records, max_new_tokens: int) -> float:
+def greedy_pass_at_1(engine: rollouts.Engine, params, task, records, max_new_tokens: int) -> float:
   sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens)
-  r = rollout(engine, params, task, records, sc, desc=f"greedy {task.name}")
+  r = rollouts.rollout(engine, params, task, records, sc, desc=f"greedy {task.name}")
   return float(np.mean(r.rewards[:, 0] > 0)) if len(records) else 0.0
 
 
-def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequence, *,
+def policy_metrics(engine: rollouts.Engine, params, task, splits: dict, transfer: Sequence, *,
                    max_new_tokens: int, sc: sampling.SamplingConfig, ks: Sequence[int],
                    seed: int = 0, known: dict | None = None) -> dict:
   """What the report shows of a policy: greedy pass@1 on `splits` (name ->
@@ -141,7 +113,7 @@ def policy_metrics(engine: Engine, params, task, splits: dict, transfer: Sequenc
     m[f"transfer/{t.name}/{split}_pass_at_1"] = greedy_pass_at_1(engine, params, t, recs,
                                                                  n[0] if n and n[0] else max_new_tokens)
   if sc.num_samples > 1:
-    r = rollout(engine, params, task, splits["test"], sc, seed=seed, desc="pass@k samples")
+    r = rollouts.rollout(engine, params, task, splits["test"], sc, seed=seed, desc="pass@k samples")
     summary, _ = score(r, ks)
     for key, v in summary.items():
       if key.startswith(("pass@", "maj@")):  # from temperature samples (greedy pass@1 is above)
@@ -188,17 +160,17 @@ def evaluate(checkpoint_or_params, task, *, model: model_lib.ModelConfig, split:
   import tasks as tasks_lib
   from restem_jax import vocab as vocab_lib
   task = tasks_lib.get(task) if isinstance(task, str) else task
-  engine = Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, batch_size)
+  engine = rollouts.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, batch_size)
   params = (load_params(checkpoint_or_params, model, mesh)
             if isinstance(checkpoint_or_params, (str, os.PathLike)) else checkpoint_or_params)
   records = task.load(split)[:limit]
   greedy_sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens or sc.max_new_tokens, stop=sc.stop)
-  greedy = rollout(engine, params, task, records, greedy_sc, desc="greedy")
+  greedy = rollouts.rollout(engine, params, task, records, greedy_sc, desc="greedy")
   g_summary, g_rows = score(greedy)
   summary = {"greedy_pass@1": g_summary["pass@1"]}
   df = pd.DataFrame(g_rows).rename(columns={"first_correct": "greedy_correct"})[["id", "greedy_correct"]]
   if sc.num_samples > 1:
-    s_summary, s_rows = score(rollout(engine, params, task, records, sc, seed=seed), ks)
+    s_summary, s_rows = score(rollouts.rollout(engine, params, task, records, sc, seed=seed), ks)
     summary.update({k: v for k, v in s_summary.items() if k != "statuses"})
     df = df.merge(pd.DataFrame(s_rows).drop(columns=["first_correct"]), on="id")
   df["completion"] = [t[0] for t in greedy.texts(engine.vocab, (task.stop, *greedy_sc.stop))]

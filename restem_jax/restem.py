@@ -117,29 +117,6 @@ def human_examples(task, split: str, vocab, max_len: int) -> dict:
                                 vocab.eos_id, max_len)
 
 
-def e_step(engine: evaluation.Engine, params, task, problems: list[dict], sc: SamplingConfig,
-           out_dir: str, rng) -> rollouts.Rollouts:
-  """Verified rollouts of every problem, one file per batch; resumes at the first missing file."""
-  from tqdm.auto import tqdm
-  os.makedirs(out_dir, exist_ok=True)
-  bs = engine.batch_size
-  parts = []
-  for b in tqdm(range(-(-len(problems) // bs)), desc="E-step", unit="batch", leave=False, disable=None):
-    path = os.path.join(out_dir, f"batch_{b:05d}.npz")
-    batch = problems[b * bs:(b + 1) * bs]
-    if os.path.exists(path):
-      r = rollouts.load(path)
-      if r.problem_ids.tolist() != [str(p["id"]) for p in batch]:
-        raise ValueError(f"{path}: holds other problems than this run's batch {b}; "
-                         "the task or sample_batch_size changed: use a new run directory")
-    else:
-      r = evaluation.rollout(engine, params, task, batch, sc, seed=jax.random.fold_in(rng, b),
-                             desc=f"batch {b}")
-      rollouts.save(r, path)
-    parts.append(r)
-  return rollouts.concat(parts)
-
-
 def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len: int
                ) -> tuple[rollouts.Rollouts, dict]:
   """`r` with the rewards of answer-correct samples whose PRM score is below
@@ -196,7 +173,7 @@ def keep(r: rollouts.Rollouts, task, problems: list[dict], vocab, max_per_proble
   return mask, stats
 
 
-def m_step(engine: evaluation.Engine, tc: training.TrainConfig, data: dict, stage_dir: str,
+def m_step(engine: rollouts.Engine, tc: training.TrainConfig, data: dict, stage_dir: str,
            init_params, validate, log: RunLog, epochs: float = 0.0, min_steps: int = 0,
            loss: Callable = training.nll_loss):
   """Fine-tunes from init_params (resumable) on `loss(model config)`; epochs > 0 sets the
@@ -298,7 +275,7 @@ def run(run_dir: str, config: RestemConfig = RestemConfig(),
   task = task or tasks_lib.get(config.task)
   transfer = transfer if transfer is not None else [(tasks_lib.get(t), *rest) for t, *rest in config.transfer]
   mesh = partitioning.make_mesh(mesh_shape)
-  engine = evaluation.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, config.sample_batch_size,
+  engine = rollouts.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, config.sample_batch_size,
                              config.workers or None)
   log = RunLog(run_dir)
   try:
@@ -317,7 +294,7 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   Returns (the M-step's best parameters, the E-step's statistics, their
   validation pass@1, None where there was no M-step)."""
   with log.timed("e_step"):
-    r = e_step(engine, policy, task, sample_pool or pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
+    r = rollouts.collect(engine, policy, task, sample_pool or pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
                jax.random.fold_in(jax.random.key(cfg.seed), it))
   if sample_pool is not None:  # the PRM, the kept set and the M-step read the training prompts
     r = rollouts.with_prompts(r, pool, engine.vocab)

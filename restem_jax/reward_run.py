@@ -30,7 +30,7 @@ import zlib
 import jax
 import numpy as np
 
-from restem_jax import best_of_n, evaluation, files, multihost, partitioning, restem, reward, rollouts, training
+from restem_jax import best_of_n, evaluation, files, multihost, partitioning, reward, rollouts, training
 from restem_jax import model as model_lib
 from restem_jax.files import read_json, write_json
 from restem_jax.runlog import RunLog
@@ -94,7 +94,7 @@ def rollouts_for(engine, params, task, split: str, limit: int, sc: SamplingConfi
   few-shot) the policy samples behind its prompts, and the rollouts come back
   behind `task`'s: what a reward model reads."""
   recs = _limit(task.load(split), limit)
-  r = restem.e_step(engine, params, sample_task or task, _limit((sample_task or task).load(split), limit), sc,
+  r = rollouts.collect(engine, params, sample_task or task, _limit((sample_task or task).load(split), limit), sc,
                     os.path.join(out_dir, split),
                     jax.random.fold_in(jax.random.key(seed), zlib.crc32(split.encode())))
   return rollouts.with_prompts(r, recs, engine.vocab) if sample_task is not None else r
@@ -227,7 +227,7 @@ def evaluate_rm(cfg, params, examples, kind, rc: RewardConfig, correct=None) -> 
 
 
 def _engine(model, vocab, mesh, rc):
-  return evaluation.Engine(model, vocab, mesh, rc.sample_batch_size, rc.workers)
+  return rollouts.Engine(model, vocab, mesh, rc.sample_batch_size, rc.workers)
 
 
 def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: training.TrainConfig,

@@ -11,12 +11,18 @@ Shapes: P problems, S samples per problem, T max new tokens, L prompt length.
     r = rollouts.verify(r, records, task.verifier, vocab, stop=task.stop)
     keep = rollouts.select(r, max_per_problem=10)          # [P, S] bool
     data = rollouts.examples(r, keep, vocab.eos_id, max_len=1024)
+
+How a policy runs is an `Engine` (architecture, vocabulary, mesh, batch size):
+`rollout(engine, ...)` samples and verifies a list of problems, `collect(...)`
+does it batch by batch into resumable files (the E-step; reward-model samples).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from restem_jax import files, multihost, sampling, training
@@ -200,3 +206,54 @@ def concat(parts: Sequence[Rollouts]) -> Rollouts:
             for p in parts]
   return Rollouts(**{f.name: np.concatenate([getattr(p, f.name) for p in padded])
                      for f in dataclasses.fields(Rollouts)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """How a policy is run: its architecture, vocabulary and mesh, prompts per
+  sampler call, verifier workers (None: one per core)."""
+  model: model_lib.ModelConfig
+  vocab: object
+  mesh: object = None
+  batch_size: int = 64
+  workers: int | None = None
+
+
+def rollout(engine: Engine, params, task, records: Sequence[dict], sc: sampling.SamplingConfig, *,
+            seed: int = 0, desc: str = "") -> Rollouts:
+  """Samples and verifies completions of `records` (a progress bar with `desc`)."""
+  from tqdm.auto import tqdm
+  with tqdm(total=len(records), desc=desc or task.name, unit="problem", leave=False,
+            disable=None) as bar:
+    def progress(n):
+      bar.n = n
+      bar.refresh()
+    r = sample(engine.model, params, engine.vocab, records, sc, stop=task.stop, rng=seed,
+                        batch_size=engine.batch_size, mesh=engine.mesh, progress=progress)
+  # the verifier sees the text cut where the tokens were: the task's stop and the sampler's
+  return verify(r, records, task.verifier, engine.vocab, stop=(task.stop, *sc.stop),
+                         workers=engine.workers, progress=True)
+
+
+def collect(engine: Engine, params, task, problems: list[dict], sc: sampling.SamplingConfig,
+            out_dir: str, rng) -> Rollouts:
+  """Verified rollouts of every problem (the E-step; a reward model's samples), one file
+  per batch of `engine.batch_size` problems in `out_dir`; resumes at the first missing file."""
+  from tqdm.auto import tqdm
+  os.makedirs(out_dir, exist_ok=True)
+  bs = engine.batch_size
+  parts = []
+  for b in tqdm(range(-(-len(problems) // bs)), desc="E-step", unit="batch", leave=False, disable=None):
+    path = os.path.join(out_dir, f"batch_{b:05d}.npz")
+    batch = problems[b * bs:(b + 1) * bs]
+    if os.path.exists(path):
+      r = load(path)
+      if r.problem_ids.tolist() != [str(p["id"]) for p in batch]:
+        raise ValueError(f"{path}: holds other problems than this run's batch {b}; "
+                         "the task or sample_batch_size changed: use a new run directory")
+    else:
+      r = rollout(engine, params, task, batch, sc, seed=jax.random.fold_in(rng, b),
+                             desc=f"batch {b}")
+      save(r, path)
+    parts.append(r)
+  return concat(parts)
