@@ -189,80 +189,19 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
   ReST^EM run from `policy` without and one with the PRM filter are compared.
   `sample_chat` / `sample_prompt`: the policy samples behind these prompts (e.g.
   few-shot); the reward models read the samples behind `chat` / `prompt`."""
-  import dataclasses
-  from restem_jax import restem, reward_run
+  from restem_jax import best_of_n_study
   from restem_jax.files import absolute
-  from restem_jax.files import write_json
-  from restem_jax.sampling import SamplingConfig
   run_dir, policy, orm, prm, data_dir, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, data_dir,
                                                                     hf_model_dir))
   model, vocab = _setup(model, hf_model_dir)
   the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
   sample_task = _sample_task(task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
                              allow_unisolated_code)
-  config = config or reward_run.RewardConfig()
-  trained = {}
-  for kind in ("orm", "prm"):
-    if (orm if kind == "orm" else prm) or reward_train is None:
-      continue
-    trained[kind] = reward_run.train_run(
-        os.path.join(run_dir, kind), dataclasses.replace(config, kind=kind, policy=policy or hf_model_dir),
-        model, reward_train, vocab, the_task, tuple(mesh_shape), sample_task,
-        os.path.join(run_dir, "rm_rollouts"))
-  orm = orm or (os.path.join(run_dir, "orm", "train") if "orm" in trained else "")
-  prm = prm or (os.path.join(run_dir, "prm", "train") if "prm" in trained else "")
-  summary = reward_run.best_of_n_run(
-      run_dir, policy or hf_model_dir, orm, prm, model, vocab, the_task, split, limit,
-      sampling or SamplingConfig(num_samples=16, temperature=1.0, max_new_tokens=48), num_subsets,
-      config, tuple(mesh_shape), sample_task)
-  if "prm" in trained and "first_wrong_step" not in summary and trained["prm"]["test"]:
-    t = trained["prm"]["test"]
-    summary["first_wrong_step"] = {"accuracy": t["first_wrong_step_accuracy"], "solutions": t["solutions"],
-                                   "always_none_baseline": t["always_none_baseline"]}
-  if filter_restem is not None and prm:
-    summary["prm_filter"] = {}
-    for name, path in (("without", ""), ("with", prm)):
-      cfg = dataclasses.replace(filter_restem, base_checkpoint=policy, prm_filter=path,
-                                hf_model_dir=filter_restem.hf_model_dir or hf_model_dir)
-      if trained:
-        _share_samples(os.path.join(run_dir, "rm_rollouts", config.train_split), config, cfg,
-                       os.path.join(run_dir, f"restem_{name}_prm_filter", "iter_1", "rollouts"))
-      s = restem.run(os.path.join(run_dir, f"restem_{name}_prm_filter"), cfg, model,
-                     mstep=filter_mstep, mesh_shape=tuple(mesh_shape), vocab=vocab, task=the_task,
-                     transfer=[], sample_task=sample_task)
-      last = s["iterations"][-1]
-      summary["prm_filter"][name] = {
-          "kept_with_wrong_step": last.get("kept_with_wrong_step"), "kept_samples": last.get("kept_samples"),
-          "test_pass_at_1_before": s["baseline_test_pass_at_1"], "test_pass_at_1": last["test_pass_at_1"],
-          "prm_dropped": last.get("prm_dropped", 0), "wall_time_s": s["wall_time_s"]}
-  # the whole run's wall time: reward models, the best-of-N pool and scores, the PRM filter
-  summary["best_of_n_wall_time_s"] = summary["wall_time_s"]
-  summary["wall_time_s"] = round(summary["wall_time_s"] + sum(t["wall_time_s"] for t in trained.values()) +
-                                 sum(v["wall_time_s"] for v in summary.get("prm_filter", {}).values()), 1)
-  write_json(os.path.join(run_dir, "summary.json"), summary)
-  print(json.dumps({k: summary[k] for k in ("first_wrong_step", "prm_filter") if k in summary}, indent=1))
-  return summary
-
-
-def _share_samples(src: str, rc, cfg, dst: str) -> None:
-  """Both arms of the PRM-filter comparison start from the reward models' own
-  samples where they are the same E-step (policy, problems, sampling, batches):
-  the arms then differ by the filter alone, and the E-step is not sampled again.
-  The batch files go where the first E-step resumes from."""
-  import glob
-  import shutil
-  from restem_jax import multihost
-  same = (cfg.train_split == rc.train_split and cfg.train_limit == rc.train_limit and
-          cfg.sampling == rc.sampling and cfg.sample_batch_size == rc.sample_batch_size)
-  if not same:
-    return
-  if not os.path.exists(dst) and multihost.is_writer():
-    os.makedirs(dst + ".tmp", exist_ok=True)
-    for f in sorted(glob.glob(os.path.join(src, "batch_*.npz"))):
-      shutil.copy(f, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
-    logging.info("PRM filter: %s starts from the reward models' samples (%s)", dst, src)
-  multihost.barrier("shared samples")  # every process reads them from the run folder
+  return best_of_n_study.run(
+      run_dir, policy, orm, prm, model, vocab, the_task, split=split, limit=limit, sampling=sampling,
+      num_subsets=num_subsets, config=config, reward_train=reward_train, filter_restem=filter_restem,
+      filter_mstep=filter_mstep, mesh_shape=tuple(mesh_shape), sample_task=sample_task,
+      hf_model_dir=hf_model_dir)
 
 
 def execute(fn):

@@ -475,7 +475,7 @@ def test_prm_on_prm800k_runs_end_to_end(tmp_path):
 
 
 def test_prm_filter_arms_start_from_the_reward_models_samples_only_when_the_same(tmp_path):
-  from restem_jax import main, restem, reward_run
+  from restem_jax import best_of_n_study, restem, reward_run
   from restem_jax.sampling import SamplingConfig
   src = tmp_path / "rm_rollouts" / "pool"
   src.mkdir(parents=True)
@@ -485,12 +485,12 @@ def test_prm_filter_arms_start_from_the_reward_models_samples_only_when_the_same
   rc = reward_run.RewardConfig(train_split="pool", train_limit=75, sampling=sc, sample_batch_size=25)
   same = restem.RestemConfig(train_split="pool", train_limit=75, sampling=sc, sample_batch_size=25)
   dst = tmp_path / "with" / "iter_1" / "rollouts"
-  main._share_samples(str(src), rc, same, str(dst))
+  best_of_n_study.share_samples(str(src), rc, same, str(dst))
   assert sorted(os.listdir(dst)) == sorted(os.listdir(src))
   assert (dst / "batch_00002.npz").read_bytes() == bytes([2]) * 10
   import dataclasses
   for other in (dataclasses.replace(same, train_limit=50), dataclasses.replace(same, sample_batch_size=32),
                 dataclasses.replace(same, sampling=dataclasses.replace(sc, temperature=1.0))):
     dst = tmp_path / "other" / "rollouts"
-    main._share_samples(str(src), rc, other, str(dst))
+    best_of_n_study.share_samples(str(src), rc, other, str(dst))
     assert not dst.exists()  # another E-step: sampled by the run itself
