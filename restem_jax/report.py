@@ -23,9 +23,9 @@ def _fmt(v):
   return str(v)
 
 
-def table(rows: list[dict], cfg) -> list[list[str]]:
+def table(rows: list[dict], pass_k) -> list[list[str]]:
   cols = list(COLUMNS)
-  for k in cfg.pass_k:
+  for k in pass_k:
     cols += [(f"pass@{k}", sampled_key(f"pass@{k}")), (f"maj@{k}", sampled_key(f"maj@{k}"))]
   cols += [(key.split("/")[1] + "/" + key.split("/")[2].replace("_pass_at_1", ""), key)
            for key in rows[0] if key.startswith("transfer/")]
@@ -56,11 +56,10 @@ def rows_of(summary: dict) -> list[dict]:
 def frame(summary: dict):
   """The report's table (report.md's columns) as a pandas DataFrame, one row per model,
   accuracies in %."""
-  import types
   import pandas as pd
   rows = rows_of(summary)
   ks = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith(sampled_key("pass@"))})
-  t = table(rows, types.SimpleNamespace(pass_k=ks))
+  t = table(rows, ks)
   return pd.DataFrame(t[1:], columns=t[0]).set_index("model").apply(pd.to_numeric, errors="coerce")  # "-": NaN
 
 
@@ -152,7 +151,7 @@ def write(run_dir: str, rows: list[dict], cfg, wall_time_s: float, seconds: dict
   for key, name in (("base", "base"), ("sft", "SFT (human data)")):  # every starting row
     if name in named:
       summary[key] = named[name]
-  t = table(rows, cfg)
+  t = table(rows, cfg.pass_k)
   if not multihost.is_writer():  # process 0 writes the report
     return summary
   split = ""
