@@ -294,8 +294,9 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   Returns (the M-step's best parameters, the E-step's statistics, their
   validation pass@1, None where there was no M-step)."""
   with log.timed("e_step"):
-    r = rollouts.collect(engine, policy, task, sample_pool or pool, cfg.sampling, os.path.join(stage_dir, "rollouts"),
-               jax.random.fold_in(jax.random.key(cfg.seed), it))
+    r = rollouts.collect(engine, policy, task, sample_pool or pool, cfg.sampling,
+                         os.path.join(stage_dir, "rollouts"),
+                         jax.random.fold_in(jax.random.key(cfg.seed), it))
   if sample_pool is not None:  # the PRM, the kept set and the M-step read the training prompts
     r = rollouts.with_prompts(r, pool, engine.vocab)
   kept_path = os.path.join(stage_dir, "kept.jsonl")

@@ -148,31 +148,30 @@ def with_prompts(r: Rollouts, records: Sequence[dict], vocab) -> Rollouts:
   return dataclasses.replace(r, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths)
 
 
-def select(r: Rollouts, max_per_problem: int) -> np.ndarray:
-  """[P, S] mask: each problem's first `max_per_problem` distinct rewarded samples."""
+def _distinct_rewarded(r: Rollouts, max_per_problem: int, order) -> np.ndarray:
+  """[P, S] mask: each problem's first `max_per_problem` distinct rewarded samples,
+  taken in the order `order(i)` gives the problem's sample indices."""
   keep = np.zeros(r.rewards.shape, bool)
   for i in range(r.num_problems):
     seen = set()
-    for j in range(r.num_samples):
+    for j in order(i):
       c = tuple(r.completion(i, j))
       if r.rewards[i, j] > 0 and c not in seen and len(seen) < max_per_problem:
         seen.add(c)
         keep[i, j] = True
   return keep
+
+
+def select(r: Rollouts, max_per_problem: int) -> np.ndarray:
+  """[P, S] mask: each problem's first `max_per_problem` distinct rewarded samples."""
+  return _distinct_rewarded(r, max_per_problem, lambda i: range(r.num_samples))
 
 
 def select_shortest(r: Rollouts, max_per_problem: int) -> np.ndarray:
   """[P, S] mask: each problem's `max_per_problem` shortest distinct rewarded samples
   (fewest tokens; ties to the earlier sample)."""
-  keep = np.zeros(r.rewards.shape, bool)
-  for i in range(r.num_problems):
-    seen = set()
-    for j in sorted(range(r.num_samples), key=lambda j: (int(r.lengths[i, j]), j)):
-      c = tuple(r.completion(i, j))
-      if r.rewards[i, j] > 0 and c not in seen and len(seen) < max_per_problem:
-        seen.add(c)
-        keep[i, j] = True
-  return keep
+  return _distinct_rewarded(r, max_per_problem,
+                            lambda i: sorted(range(r.num_samples), key=lambda j: (int(r.lengths[i, j]), j)))
 
 
 def examples(r: Rollouts, keep: np.ndarray, eos_id: int, max_len: int,
@@ -229,10 +228,10 @@ def rollout(engine: Engine, params, task, records: Sequence[dict], sc: sampling.
       bar.n = n
       bar.refresh()
     r = sample(engine.model, params, engine.vocab, records, sc, stop=task.stop, rng=seed,
-                        batch_size=engine.batch_size, mesh=engine.mesh, progress=progress)
+               batch_size=engine.batch_size, mesh=engine.mesh, progress=progress)
   # the verifier sees the text cut where the tokens were: the task's stop and the sampler's
   return verify(r, records, task.verifier, engine.vocab, stop=(task.stop, *sc.stop),
-                         workers=engine.workers, progress=True)
+                workers=engine.workers, progress=True)
 
 
 def collect(engine: Engine, params, task, problems: list[dict], sc: sampling.SamplingConfig,
@@ -252,8 +251,7 @@ def collect(engine: Engine, params, task, problems: list[dict], sc: sampling.Sam
         raise ValueError(f"{path}: holds other problems than this run's batch {b}; "
                          "the task or sample_batch_size changed: use a new run directory")
     else:
-      r = rollout(engine, params, task, batch, sc, seed=jax.random.fold_in(rng, b),
-                             desc=f"batch {b}")
+      r = rollout(engine, params, task, batch, sc, seed=jax.random.fold_in(rng, b), desc=f"batch {b}")
       save(r, path)
     parts.append(r)
   return concat(parts)
