@@ -28,6 +28,9 @@ def run(run_dir: str, policy: str, orm: str, prm: str, model, vocab, task, *, sp
   ReST^EM run from `policy` without and one with the PRM filter are compared.  The
   policy samples behind `sample_task`'s prompts where given; the reward models read
   the samples behind `task`'s.  Paths are absolute."""
+  if filter_restem is not None and filter_restem.human_split:  # restem.run would re-train the policy (SFT)
+    raise ValueError(f"filter RestemConfig.human_split = {filter_restem.human_split!r}: the PRM-filter arms "
+                     "start from the policy itself; set it to ''")
   config = config or reward_run.RewardConfig()
   trained = {}
   for kind in ("orm", "prm"):

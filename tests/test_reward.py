@@ -494,3 +494,12 @@ def test_prm_filter_arms_start_from_the_reward_models_samples_only_when_the_same
     dst = tmp_path / "other" / "rollouts"
     best_of_n_study.share_samples(str(src), rc, other, str(dst))
     assert not dst.exists()  # another E-step: sampled by the run itself
+
+
+def test_prm_filter_arms_refuse_an_sft_row():
+  """The filter arms start from the policy: a human_split would re-train it first
+  (restem.run's SFT row), with a TrainConfig nobody configured."""
+  from restem_jax import best_of_n_study, restem
+  with pytest.raises(ValueError, match="human_split"):
+    best_of_n_study.run("/tmp/unused", "policy", "", "prm", None, None, None,
+                        filter_restem=restem.RestemConfig(human_split="human"))
