@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -115,6 +115,29 @@ def human_examples(task, split: str, vocab, max_len: int) -> dict:
   return training.pack_examples([vocab.encode(r["prompt"]) for r in rows],
                                 [vocab.encode(r["solution"]) for r in rows], [1.0] * len(rows),
                                 vocab.eos_id, max_len)
+
+
+def check_decode_lengths(vocab, checks, fallback: Sequence[dict] = (), sample: int = 200,
+                         share: float = 0.05) -> list[str]:
+  """Warns where a decoding limit is shorter than the reference solutions: such
+  problems can only score 0, and nothing else says so.  `checks`: (what sets the
+  limit, records, max_new_tokens); records without solutions are judged by
+  `fallback`'s (the task's human split: same task, same kind of solution).
+  The first `sample` solutions are measured (tokens + EOS); a warning is given
+  where more than `share` of them do not fit.  Returns the warnings."""
+  out = []
+  for what, records, limit in checks:
+    sols = [r["solution"] for r in records[:sample] if r.get("solution")] or \
+        [r["solution"] for r in fallback[:sample] if r.get("solution")]
+    if not sols or not limit:
+      continue
+    lengths = np.array([len(vocab.encode(s)) + 1 for s in sols])
+    if np.mean(lengths > limit) > share:
+      out.append(f"{what} = {limit} is shorter than {np.mean(lengths > limit):.0%} of the reference "
+                 f"solutions ({len(sols)} measured, {int(np.median(lengths))} tokens at the median, "
+                 f"{int(lengths.max())} the longest): those problems can only score 0; raise it")
+      logging.warning("%s", out[-1])
+  return out
 
 
 def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len: int
@@ -331,6 +354,13 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
   splits = {"train": pool[:cfg.train_eval_size], "validation": limit(task.load(cfg.validation_split)),
             "test": limit(task.load(cfg.test_split))}
   transfer = [(t, s, t.load(s)[:n[0]] if n and n[0] else limit(t.load(s)), *n[1:2]) for t, s, *n in transfer]
+  eval_tokens = cfg.eval_sampling.max_new_tokens
+  check_decode_lengths(engine.vocab, [
+      ("RestemConfig.sampling.max_new_tokens (the E-step)", pool, cfg.sampling.max_new_tokens),
+      ("RestemConfig.eval_sampling.max_new_tokens (evaluation)", splits["validation"] + splits["test"],
+       eval_tokens)], task.load(cfg.human_split) if cfg.human_split else ())
+  check_decode_lengths(engine.vocab, [(f"RestemConfig.transfer's max_new_tokens for {t.name}/{s}", rows,
+                                       n[0] if n and n[0] else eval_tokens) for t, s, rows, *n in transfer])
 
   def validate(p):
     with log.timed("validation"):

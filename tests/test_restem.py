@@ -332,3 +332,20 @@ def test_step_filter_drops_right_answers_with_a_wrong_step():
   assert stats == {"step_filter_dropped": 3, "step_filter_dropped_fraction_of_correct": 3 / 4}
   with pytest.raises(ValueError, match="has no step_checker"):
     restem.step_filter(r, tasks.get("gsm8k"), v, problems)
+
+
+def test_decoding_limits_shorter_than_the_reference_solutions_are_warned(caplog):
+  """A split decoded with max_new_tokens shorter than its solutions can only score 0:
+  the run says so, naming the setting; the pool has no solutions of its own, so the
+  human split's stand for them."""
+  import tasks
+  from restem_jax import restem, vocab
+  task = tasks.get("arith")
+  human, pool = task.load("human"), task.load("pool")
+  v = vocab.ByteVocabulary()
+  longest = max(len(v.encode(r["solution"])) + 1 for r in human[:200])
+  with caplog.at_level("WARNING"):
+    out = restem.check_decode_lengths(v, [("RestemConfig.sampling.max_new_tokens", pool, 12)], human)
+  assert len(out) == 1 and "RestemConfig.sampling.max_new_tokens = 12" in out[0] and out[0] in caplog.text
+  assert restem.check_decode_lengths(v, [("x", pool, longest)], human) == []
+  assert restem.check_decode_lengths(v, [("x", pool, 12)]) == []  # no solutions to measure: silent
