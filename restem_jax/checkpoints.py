@@ -11,12 +11,14 @@ latest ones, in the same folder.
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from restem_jax import files
+from restem_jax import files, partitioning
+from restem_jax import model as model_lib
 
 
 class _QuietUnscoredSaves(logging.Filter):
@@ -72,3 +74,26 @@ def best_score(mngr: ocp.CheckpointManager, metric: str) -> tuple[int | None, fl
   if not metrics or metric not in metrics:
     return None, None
   return step, float(metrics[metric])
+
+
+def load_params(path: str, cfg, mesh=None, step: int | None = None, init=None):
+  """Parameters from a training folder written by `training.train` (its best
+  step by validation, else its latest; `.../train` or `.../train/checkpoints`),
+  or from a Hugging Face model folder.  `init(cfg, rng)` gives the tree's
+  structure (default the decoder's; a reward model's: `reward.init_params`)."""
+  init = init or model_lib.init_params
+  path = files.absolute(path)
+  if path.endswith(".gguf") or os.path.exists(os.path.join(path, "config.json")):
+    from restem_jax import hf
+    return hf.load_params(path, cfg, mesh)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  mesh = mesh or partitioning.make_mesh()
+  target = partitioning.abstract_target(lambda r: init(cfg, r), mesh)
+  mngr = manager(path, best_metric="validation")
+  step = mngr.best_step() if step is None else step
+  if step is None:
+    step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{path}: no checkpoint found")
+  return restore(mngr, step, {"params": target})["params"]

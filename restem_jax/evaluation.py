@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from restem_jax import checkpoints, files, partitioning, report, rollouts, sampling
+from restem_jax import checkpoints, report, rollouts, sampling
 from restem_jax import model as model_lib
 
 
@@ -121,29 +121,6 @@ def policy_metrics(engine: rollouts.Engine, params, task, splits: dict, transfer
   return m
 
 
-def load_params(path: str, cfg: model_lib.ModelConfig, mesh=None, step: int | None = None,
-                init=model_lib.init_params):
-  """Parameters from a training folder written by `training.train` (its best
-  step by validation, else its latest; `.../train` or `.../train/checkpoints`),
-  or from a Hugging Face model folder.  `init(cfg, rng)` gives the tree's
-  structure (a reward model's: `reward.init_params`)."""
-  path = files.absolute(path)
-  if path.endswith(".gguf") or os.path.exists(os.path.join(path, "config.json")):
-    from restem_jax import hf
-    return hf.load_params(path, cfg, mesh)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  mesh = mesh or partitioning.make_mesh()
-  target = partitioning.abstract_target(lambda r: init(cfg, r), mesh)
-  mngr = checkpoints.manager(path, best_metric="validation")
-  step = mngr.best_step() if step is None else step
-  if step is None:
-    step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{path}: no checkpoint found")
-  return checkpoints.restore(mngr, step, {"params": target})["params"]
-
-
 def evaluate(checkpoint_or_params, task, *, model: model_lib.ModelConfig, split: str = "test",
              vocab=None, sc: sampling.SamplingConfig = sampling.GREEDY, ks: Sequence[int] = (1,),
              max_new_tokens: int | None = None, batch_size: int = 64, limit: int | None = None,
@@ -161,7 +138,7 @@ def evaluate(checkpoint_or_params, task, *, model: model_lib.ModelConfig, split:
   from restem_jax import vocab as vocab_lib
   task = tasks_lib.get(task) if isinstance(task, str) else task
   engine = rollouts.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, batch_size)
-  params = (load_params(checkpoint_or_params, model, mesh)
+  params = (checkpoints.load_params(checkpoint_or_params, model, mesh)
             if isinstance(checkpoint_or_params, (str, os.PathLike)) else checkpoint_or_params)
   records = task.load(split)[:limit]
   greedy_sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens or sc.max_new_tokens, stop=sc.stop)

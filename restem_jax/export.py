@@ -4,7 +4,7 @@
         --base "$(python -c 'from restem_jax import gguf; print(gguf.smollm2_path())')" \
         [--dtype float32|bfloat16|float16] [--gguf models/arith.gguf --gguf_type f32|f16|q8_0]
 
-`--checkpoint` is anything `evaluation.load_params` reads: a training folder
+`--checkpoint` is anything `checkpoints.load_params` reads: a training folder
 (its best step by validation), a Hugging Face folder or a `.gguf` file.  The
 architecture (Llama, Qwen2 or Mistral, rope, tied embeddings, biases, sliding
 window), the tokenizer, its chat template and the generation settings come
@@ -313,7 +313,7 @@ def to_gguf(params, cfg: model_lib.ModelConfig, out_path: str, base: str, file_t
 
 def load(checkpoint: str, base: str = "", reward_model: bool = False, mesh=None):
   """(ModelConfig, params) of `checkpoint` with the base's architecture."""
-  from restem_jax import evaluation, reward
+  from restem_jax import checkpoints, reward
   from restem_jax.files import absolute
   checkpoint, base = absolute(checkpoint), absolute(base)
   if not base:
@@ -324,7 +324,7 @@ def load(checkpoint: str, base: str = "", reward_model: bool = False, mesh=None)
   cfg = hf.load_config(base)
   init = reward.init_params if reward_model else model_lib.init_params
   try:
-    params = evaluation.load_params(checkpoint, cfg, mesh, init=init)
+    params = checkpoints.load_params(checkpoint, cfg, mesh, init=init)
   except ValueError as e:  # orbax: shapes that do not fit the base's architecture
     raise ValueError(f"{checkpoint}: its tensors do not fit the base {base} ({e})") from None
   return cfg, params, base

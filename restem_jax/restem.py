@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from restem_jax import evaluation, files, multihost, partitioning, report, reward, rollouts, training
+from restem_jax import checkpoints, evaluation, files, multihost, partitioning, report, reward, rollouts, training
 from restem_jax import model as model_lib
 from restem_jax.files import read_json, write_json
 from restem_jax.runlog import RunLog
@@ -243,7 +243,7 @@ def evaluate_stage(engine, params, task, splits: dict, transfer: list, cfg: Rest
 def given_model(engine, cfg: RestemConfig):
   """The given model's parameters (base_checkpoint, else hf_model_dir), or None."""
   if cfg.base_checkpoint:
-    return evaluation.load_params(cfg.base_checkpoint, engine.model, engine.mesh)
+    return checkpoints.load_params(cfg.base_checkpoint, engine.model, engine.mesh)
   if cfg.hf_model_dir:
     from restem_jax import hf
     return hf.load_params(cfg.hf_model_dir, engine.model, engine.mesh)
@@ -257,7 +257,7 @@ def sft_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_d
   stage_dir = os.path.join(run_dir, "sft")
   done = os.path.join(stage_dir, "done.json")
   if os.path.exists(done):
-    return (evaluation.load_params(os.path.join(stage_dir, "train"), engine.model, engine.mesh),
+    return (checkpoints.load_params(os.path.join(stage_dir, "train"), engine.model, engine.mesh),
             read_json(done)["validation"])
   data = human_examples(task, cfg.human_split, engine.vocab, cfg.max_len)
   params, score = m_step(engine, sft, data, stage_dir, init, validate, log)
@@ -375,7 +375,7 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
 
   prm = None
   if cfg.prm_filter:
-    prm = (engine.model, evaluation.load_params(cfg.prm_filter, engine.model, engine.mesh,
+    prm = (engine.model, checkpoints.load_params(cfg.prm_filter, engine.model, engine.mesh,
                                                 init=reward.init_params))
   given = given_model(engine, cfg)
   if given is None and not cfg.human_split:
@@ -418,7 +418,7 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
     else:
       since_best += 1
     if params is None:  # finished earlier: its best checkpoint (or, with no M-step, the policy as was)
-      params = policy if m.get("m_step_skipped") else evaluation.load_params(
+      params = policy if m.get("m_step_skipped") else checkpoints.load_params(
           os.path.join(stage_dir, "train"), engine.model, engine.mesh)
     policy = params
     if since_best >= cfg.patience and it < cfg.num_iterations:
@@ -430,7 +430,7 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
     from restem_jax import export
     best = summary["best_iteration"]
     params = policy if best == rows[-1]["iteration"] and best > 0 else \
-        start if best == 0 else evaluation.load_params(os.path.join(run_dir, f"iter_{best}", "train"),
+        start if best == 0 else checkpoints.load_params(os.path.join(run_dir, f"iter_{best}", "train"),
                                                        engine.model, engine.mesh)
     summary["exported"] = export.to_hf_folder(params, engine.model, cfg.export_dir, cfg.hf_model_dir)
     write_json(os.path.join(run_dir, "summary.json"), summary)

@@ -173,24 +173,24 @@ def eval_step(params, batch, *, loss_fn: LossFn, rules):
     return jnp.stack([total, weight])
 
 
-def _abstract_state(init_fn, tc):
+def _state_init(init_fn, tc):
+  """rng -> a fresh TrainState (boxed parameters, their optimizer state)."""
   def init(rng):
     params = init_fn(rng)
     return TrainState(jnp.int32(0), params, make_optimizer(tc).init(params))
-  return jax.eval_shape(init, jax.random.key(0)), init
+  return init
 
 
 def state_shardings(init_fn, tc, mesh, rules=partitioning.DEFAULT_RULES):
-  """Shardings of the whole TrainState, from eval_shape + logical rules.
-  `init_fn(rng)` returns boxed (logically named) parameters."""
-  boxed, _ = _abstract_state(init_fn, tc)
-  return partitioning.logical_shardings(boxed, mesh, rules)
+  """Shardings of the whole TrainState (`partitioning.abstract_target`: eval_shape +
+  logical rules).  `init_fn(rng)` returns boxed (logically named) parameters."""
+  return jax.tree.map(lambda s: s.sharding, partitioning.abstract_target(_state_init(init_fn, tc), mesh, rules))
 
 
 def create_state(init_fn, tc, mesh, rng=None, params=None, rules=partitioning.DEFAULT_RULES):
   """Fresh TrainState created directly sharded (random init or given params)."""
   shardings = state_shardings(init_fn, tc, mesh, rules)
-  _, init = _abstract_state(init_fn, tc)
+  init = _state_init(init_fn, tc)
   if params is None:
     rng = jax.random.key(tc.seed) if rng is None else rng
     make = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)

@@ -100,12 +100,12 @@ def test_exported_m_step_policy_loads_in_transformers_and_evaluates_the_same(ari
   import jax
   import torch
   import transformers
-  from restem_jax import evaluation, export
+  from restem_jax import checkpoints, evaluation, export
   from restem_jax import partitioning
   run, summary = arith_run
   cfg = hf.load_config(PATH)
   one = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one copy of each model in memory
-  params = evaluation.load_params(summary["best_checkpoint"], cfg, one)
+  params = checkpoints.load_params(summary["best_checkpoint"], cfg, one)
   base = hf.load_params(PATH, cfg, one)
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base)))
   del base

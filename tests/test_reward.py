@@ -256,35 +256,35 @@ def test_prm800k_examples_tokenize_with_offsets(bpe):
 
 
 def test_prm800k_subset_draws_problems_and_rows_at_random():
-  from restem_jax import reward_run
+  from restem_jax import reward_data
   task = tasks.get("math")
   recs = prm800k.read("test")
   by_problem = {}
   for r in recs:
     by_problem.setdefault(r["problem"], []).append(r)
-  picked = reward_run.prm800k_examples(task, BYTES, "test", 7, 2, seed=3)
+  picked = reward_data.prm800k_examples(task, BYTES, "test", 7, 2, seed=3)
   assert len(picked) == 14  # 7 problems, 2 solutions each (every test problem has more)
-  again = reward_run.prm800k_examples(task, BYTES, "test", 7, 2, seed=3)
+  again = reward_data.prm800k_examples(task, BYTES, "test", 7, 2, seed=3)
   assert [e.completion for e in picked] == [e.completion for e in again]
-  other = reward_run.prm800k_examples(task, BYTES, "test", 7, 2, seed=4)
+  other = reward_data.prm800k_examples(task, BYTES, "test", 7, 2, seed=4)
   assert [e.completion for e in picked] != [e.completion for e in other]
   # the problems are not simply the first 7 of the file
-  first = reward_run.prm800k_examples(task, BYTES, "test", 0, 0)[:sum(len(v) for v in list(by_problem.values())[:7])]
+  first = reward_data.prm800k_examples(task, BYTES, "test", 0, 0)[:sum(len(v) for v in list(by_problem.values())[:7])]
   assert {e.prompt for e in picked} != {e.prompt for e in first}
   assert len({e.prompt for e in picked}) == 7
 
 
 def test_first_wrong_step_metric_skips_truncated_solutions():
-  from restem_jax import reward_run
+  from restem_jax import reward_metrics
   ex = [reward.Labelled((1,), (2, 3, 4), (0, 1, 2), (POSITIVE, POSITIVE, NEGATIVE)),
         reward.Labelled((1,), (2, 3), (0, 1), (POSITIVE, NEGATIVE))]
   probs = lambda *neg: np.array([[n, 0.0, 1 - n] for n in neg])  # noqa: E731  [NEG, NEU, POS]
   # the first solution's negative step fell past max_len: only 2 of its 3 positions scored
-  m = reward_run.step_metrics([probs(0.1, 0.2), probs(0.1, 0.9)], ex)
+  m = reward_metrics.step_metrics([probs(0.1, 0.2), probs(0.1, 0.9)], ex)
   assert m["solutions"] == 1 and m["truncated_solutions"] == 1
   assert m["first_wrong_step_accuracy"] == 100.0 and m["always_none_baseline"] == 0.0
   assert m["negative_step_auroc"] == 1.0  # the wrong step has the highest P(NEGATIVE)
-  m = reward_run.step_metrics([probs(0.1, 0.2, 0.3), probs(0.5, 0.4)], ex)
+  m = reward_metrics.step_metrics([probs(0.1, 0.2, 0.3), probs(0.5, 0.4)], ex)
   # wrong steps 0.3 and 0.4 against 0.1, 0.2, 0.5: 4 of the 6 pairs ranked right
   assert m["solutions"] == 2 and m["negative_step_auroc"] == pytest.approx(4 / 6)
 
@@ -467,8 +467,8 @@ def test_prm_on_prm800k_runs_end_to_end(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(run_dir, "summary.json")) as f:
     summary = json.load(f)
-  from restem_jax import reward_run
-  test_rows = reward_run.prm800k_examples(tasks.get("math"), BYTES, "test", 3)  # 3 problems, all rows
+  from restem_jax import reward_data
+  test_rows = reward_data.prm800k_examples(tasks.get("math"), BYTES, "test", 3)  # 3 problems, all rows
   assert len({e.prompt for e in test_rows}) == 3
   assert summary["data"]["test_solutions"] == len(test_rows) and summary["data"]["train_labels"] > 0
   assert 0 < summary["data"]["train_negative_share"] < 1 and summary["test"]["solutions"] > 0
