@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -80,6 +81,26 @@ def _sample_task(name, data_dir, task_options, prompt, chat, sample_prompt, samp
                allow_unisolated)
 
 
+class Setup(NamedTuple):
+  """What every entry point resolves first from its gin values."""
+  model: object  # ModelConfig: the Hugging Face model's architecture where there is one
+  vocab: object
+  task: object  # the task as configured: data folder, options, prompt, chat format
+  sample_task: object  # the same task behind the policy's sampling prompts, or None
+  data_dir: str  # absolute
+
+
+def resolve(model, hf_model_dir, task, data_dir="", task_options=None, prompt="", chat=None,
+            allow_unisolated_code=False, sample_prompt="", sample_chat=None) -> Setup:
+  """The entry points' shared values (`hf_model_dir`, `data_dir`: absolute or '')."""
+  from restem_jax.files import absolute
+  data_dir = absolute(data_dir)
+  model, vocab = _setup(model, absolute(hf_model_dir))
+  return Setup(model, vocab, _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code),
+               _sample_task(task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
+                            allow_unisolated_code), data_dir)
+
+
 def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_dir="",
                 task_options=None, prompt="", chat=None, allow_unisolated_code=False,
                 sample_chat=None, sample_prompt=""):
@@ -94,17 +115,14 @@ def restem_main(run_dir, config, model, sft, mstep, mesh_shape=(-1, 1, 1), data_
   import dataclasses
   from restem_jax import restem
   from restem_jax.files import absolute
-  run_dir, data_dir = absolute(run_dir), absolute(data_dir)
   config = dataclasses.replace(config, hf_model_dir=absolute(config.hf_model_dir),
                                prm_filter=absolute(config.prm_filter), export_dir=absolute(config.export_dir))
-  model, vocab = _setup(model, config.hf_model_dir)
-  task = _task(config.task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
-  transfer = [(_task(t, data_dir, task_options, chat=chat, vocab=vocab, allow_unisolated=allow_unisolated_code), *rest)
-              for t, *rest in config.transfer]
-  sample_task = _sample_task(config.task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat,
-                             vocab, allow_unisolated_code)
-  return restem.run(run_dir, config, model, sft, mstep, tuple(mesh_shape), vocab=vocab, task=task,
-                    transfer=transfer, sample_task=sample_task)
+  s = resolve(model, config.hf_model_dir, config.task, data_dir, task_options, prompt, chat,
+              allow_unisolated_code, sample_prompt, sample_chat)
+  transfer = [(_task(t, s.data_dir, task_options, chat=chat, vocab=s.vocab, allow_unisolated=allow_unisolated_code),
+               *rest) for t, *rest in config.transfer]
+  return restem.run(absolute(run_dir), config, s.model, sft, mstep, tuple(mesh_shape), vocab=s.vocab, task=s.task,
+                    transfer=transfer, sample_task=s.sample_task)
 
 
 def run_values(run_dir: str) -> dict:
@@ -113,7 +131,6 @@ def run_values(run_dir: str) -> dict:
   main task with its data folder, options, prompt and chat format), `config` (its
   RestemConfig).  For notebooks and scripts that look at a run; clears gin's bindings."""
   import gin
-  from restem_jax.files import absolute
   path = os.path.join(run_dir, "config.gin")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not found (is {run_dir} a ReST^EM run folder?)")
@@ -124,10 +141,9 @@ def run_values(run_dir: str) -> dict:
     b = gin.get_bindings("restem_main")
     gin.clear_config()
   config = b["config"]
-  model, vocab = _setup(b["model"], absolute(config.hf_model_dir))
-  task = _task(config.task, absolute(b.get("data_dir", "")), b.get("task_options"), b.get("prompt", ""),
-               b.get("chat"), vocab, b.get("allow_unisolated_code", False))
-  return dict(model=model, vocab=vocab, task=task, config=config)
+  s = resolve(b["model"], config.hf_model_dir, config.task, b.get("data_dir", ""), b.get("task_options"),
+              b.get("prompt", ""), b.get("chat"), b.get("allow_unisolated_code", False))
+  return dict(model=s.model, vocab=s.vocab, task=s.task, config=config)
 
 
 def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(1,), batch_size=64,
@@ -138,11 +154,10 @@ def eval_main(checkpoint, model, task="arith", split="test", sampling=None, ks=(
   from restem_jax import evaluation
   from restem_jax.files import absolute
   from restem_jax.sampling import SamplingConfig
-  checkpoint, out, data_dir, hf_model_dir = map(absolute, (checkpoint, out, data_dir, hf_model_dir))
-  model, vocab = _setup(model, hf_model_dir)
-  the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
-  df = evaluation.evaluate(checkpoint or hf_model_dir, the_task,
-                           model=model, split=split, vocab=vocab, sc=sampling or SamplingConfig(),
+  checkpoint, out, hf_model_dir = map(absolute, (checkpoint, out, hf_model_dir))
+  s = resolve(model, hf_model_dir, task, data_dir, task_options, prompt, chat, allow_unisolated_code)
+  df = evaluation.evaluate(checkpoint or hf_model_dir, s.task,
+                           model=s.model, split=split, vocab=s.vocab, sc=sampling or SamplingConfig(),
                            ks=tuple(ks), batch_size=batch_size, limit=limit or None)
   summary = df.attrs["summary"]
   print(json.dumps(summary, indent=1))
@@ -164,15 +179,12 @@ def reward_main(run_dir, config, model, train, task="arith", mesh_shape=(-1, 1, 
   import dataclasses
   from restem_jax import reward_run
   from restem_jax.files import absolute
-  run_dir, data_dir, hf_model_dir = absolute(run_dir), absolute(data_dir), absolute(hf_model_dir)
   config = dataclasses.replace(config, policy=absolute(config.policy),
                                init=config.init if config.init in ("policy", "scratch") else absolute(config.init))
-  model, vocab = _setup(model, hf_model_dir)
-  sample_task = _sample_task(task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
-                             allow_unisolated_code)
-  summary = reward_run.train_run(run_dir, config, model, train, vocab,
-                                 _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code),
-                                 tuple(mesh_shape), sample_task)
+  s = resolve(model, hf_model_dir, task, data_dir, task_options, prompt, chat, allow_unisolated_code,
+              sample_prompt, sample_chat)
+  summary = reward_run.train_run(absolute(run_dir), config, s.model, train, s.vocab, s.task, tuple(mesh_shape),
+                                 s.sample_task)
   print(json.dumps(summary, indent=1))
   return summary
 
@@ -191,16 +203,13 @@ def best_of_n_main(run_dir, policy, model, orm="", prm="", task="arith", split="
   few-shot); the reward models read the samples behind `chat` / `prompt`."""
   from restem_jax import best_of_n_study
   from restem_jax.files import absolute
-  run_dir, policy, orm, prm, data_dir, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, data_dir,
-                                                                    hf_model_dir))
-  model, vocab = _setup(model, hf_model_dir)
-  the_task = _task(task, data_dir, task_options, prompt, chat, vocab, allow_unisolated_code)
-  sample_task = _sample_task(task, data_dir, task_options, prompt, chat, sample_prompt, sample_chat, vocab,
-                             allow_unisolated_code)
+  run_dir, policy, orm, prm, hf_model_dir = map(absolute, (run_dir, policy, orm, prm, hf_model_dir))
+  s = resolve(model, hf_model_dir, task, data_dir, task_options, prompt, chat, allow_unisolated_code,
+              sample_prompt, sample_chat)
   return best_of_n_study.run(
-      run_dir, policy, orm, prm, model, vocab, the_task, split=split, limit=limit, sampling=sampling,
+      run_dir, policy, orm, prm, s.model, s.vocab, s.task, split=split, limit=limit, sampling=sampling,
       num_subsets=num_subsets, config=config, reward_train=reward_train, filter_restem=filter_restem,
-      filter_mstep=filter_mstep, mesh_shape=tuple(mesh_shape), sample_task=sample_task,
+      filter_mstep=filter_mstep, mesh_shape=tuple(mesh_shape), sample_task=s.sample_task,
       hf_model_dir=hf_model_dir)
 
 
