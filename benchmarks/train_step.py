@@ -119,7 +119,7 @@ def main():
   rng = np.random.RandomState(0)
   batch = dict(tokens=rng.randint(3, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32),
                loss_mask=np.ones((args.batch, args.seq + 1), np.int32),
-               reward=np.ones(args.batch, np.float32))
+               weight=np.ones(args.batch, np.float32))
   tc = training.TrainConfig(batch_size=args.batch, grad_accum=args.grad_accum, warmup_steps=1,
                             total_steps=1000)
   n_matmul = 4096 if jax.default_backend() != "cpu" else 2048

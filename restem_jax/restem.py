@@ -206,7 +206,7 @@ def m_step(engine: rollouts.Engine, tc: training.TrainConfig, data: dict, stage_
   loss_fn = loss(engine.model)
   data = training.prepare(data, tc, loss_fn)  # packed rows (if the loss reads them): an epoch counts rows
   if epochs > 0:
-    steps = max(int(np.ceil(epochs * len(data["reward"]) / tc.batch_size)), min_steps)
+    steps = max(int(np.ceil(epochs * len(data["weight"]) / tc.batch_size)), min_steps)
     tc = dataclasses.replace(tc, total_steps=max(steps, tc.warmup_steps + 1),
                              eval_every=max(1, min(tc.eval_every, steps // 2 or 1)))
   stage = os.path.basename(stage_dir.rstrip("/"))
@@ -261,7 +261,7 @@ def sft_policy(engine, cfg: RestemConfig, task, sft: training.TrainConfig, run_d
             read_json(done)["validation"])
   data = human_examples(task, cfg.human_split, engine.vocab, cfg.max_len)
   params, score = m_step(engine, sft, data, stage_dir, init, validate, log)
-  write_json(done, {"validation": score, "examples": len(data["reward"])})
+  write_json(done, {"validation": score, "examples": len(data["weight"])})
   return params, score
 
 
@@ -336,7 +336,7 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   data = rollouts.examples(r, mask, engine.vocab.eos_id, cfg.max_len)
   if human is not None:
     data = {k: np.concatenate([data[k], human[k]]) for k in data}
-  if not len(data["reward"]):
+  if not len(data["weight"]):
     logging.warning("iteration %d: no sample was kept (0 of %d problems solved): no M-step, the "
                     "policy stays as it was; sample more or start from a stronger base", it, len(pool))
     return policy, dict(stats, m_step_skipped=True), None

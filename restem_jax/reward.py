@@ -22,7 +22,7 @@ Training batch (numpy, for `training.train`):
   tokens      [B, L] int32  prompt + completion, right-padded with 0
   labels      [B, L] int32  class at labelled positions
   label_mask  [B, L] int32  1 where a label is trained
-  reward      [B]    float  example weight (1.0)
+  weight      [B]    float  example weight (1.0)
 `training.train` packs these several to a row by default (`training.pack_rows`).
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def loss(cfg: model_lib.ModelConfig):
   (sum, weight, {"accuracy": sum})."""
   def loss_fn(params, batch):
     logits_BxLxC = apply(cfg, params, batch["tokens"], **training.segments(batch))
-    w_BxL = batch["label_mask"].astype(jnp.float32) * training.token_rewards(batch)
+    w_BxL = batch["label_mask"].astype(jnp.float32) * training.token_weights(batch)
     logp = jax.nn.log_softmax(logits_BxLxC)
     nll_BxL = -jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0]
     right_BxL = jnp.argmax(logits_BxLxC, -1) == batch["labels"]
@@ -188,7 +188,7 @@ def pack(examples: Sequence[Labelled], max_len: int) -> dict:
     for i, l in zip(ex.positions, ex.labels):
       if len(ex.prompt) + i < max_len and l >= 0:
         labels[r, len(ex.prompt) + i], mask[r, len(ex.prompt) + i] = l, 1
-  return dict(tokens=tokens, labels=labels, label_mask=mask, reward=np.ones(len(examples), np.float32))
+  return dict(tokens=tokens, labels=labels, label_mask=mask, weight=np.ones(len(examples), np.float32))
 
 
 def positions_batch(examples: Sequence[Labelled], max_len: int) -> tuple[np.ndarray, list[list[int]]]:

@@ -3,7 +3,7 @@
 A batch is a dict of numpy arrays:
   tokens    [B, L] int32  prompt + solution (+ EOS), right-padded with 0
   loss_mask [B, L]        1 where the token is a solution token to predict
-  reward    [B]   float32 the example's reward r (1.0 for SFT data)
+  weight    [B]   float32 the example's weight: its reward r (1.0 for SFT data)
 
 Loss (reward-weighted NLL, per-token mean over weighted tokens):
 
@@ -18,10 +18,10 @@ examples are packed several to a row of the same width (best-fit decreasing),
 as t5x/seqio and MaxText do.  A packed set adds
   segment_ids [B, L] int32  1, 2, .. per example in the row; 0 on padding
   positions   [B, L] int32  each example's own positions, from 0
-and its `reward` is per token, [B, L].  Attention stays within a segment and
+and its `weight` is per token, [B, L].  Attention stays within a segment and
 every mask keeps its own segment's positions, so each example's loss and
 gradient are what they are unpacked; `batch_size` then counts rows.  Only a
-loss that reads packed batches (`segments`, `token_rewards`) and says so
+loss that reads packed batches (`segments`, `token_weights`) and says so
 (`loss_fn.packable = True`, as `nll_loss` and `reward.loss` do) gets them; any
 other loss gets one example per row.
 `train` takes any loss of the same form, `loss_fn(params, batch) -> (sum,
@@ -109,7 +109,7 @@ def nll_loss(cfg: model_lib.ModelConfig) -> LossFn:
     tokens = batch["tokens"]
     logits_BxLxV, _ = model_lib.apply(cfg, params, tokens[:, :-1], **segments(batch, inputs=True))
     targets_BxL = tokens[:, 1:]
-    w_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * token_rewards(batch)[:, 1:]
+    w_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * token_weights(batch)[:, 1:]
     if "segment_ids" in batch:  # no target from the next example in the row
       w_BxL *= batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
     logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
@@ -129,9 +129,9 @@ def segments(batch, inputs: bool = False) -> dict:
   return dict(segment_ids_BxL=cut(batch["segment_ids"]), positions_BxL=cut(batch["positions"]))
 
 
-def token_rewards(batch):
-  """Rewards per token [B, L] (packed sets carry them so; unpacked: per row)."""
-  r = batch["reward"].astype(jnp.float32)
+def token_weights(batch):
+  """Example weights per token [B, L] (packed sets carry them so; unpacked: per row)."""
+  r = batch["weight"].astype(jnp.float32)
   return r if r.ndim == 2 else jnp.broadcast_to(r[:, None], batch["tokens"].shape)
 
 
@@ -226,7 +226,7 @@ def batch_for_step(data: dict, step: int, batch_size: int, seed: int) -> dict:
 
   Only depends on (data, step, seed), so a resumed run sees the same batches.
   """
-  n = len(data["reward"])
+  n = len(data["weight"])
   per_epoch = max(1, n // batch_size)
   epoch, i = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(n)
@@ -259,9 +259,9 @@ def pack_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     raise ValueError(f"no training examples ({len(prompts)} given, all longer than max_len={max_len})")
   if not toks:
     return dict(tokens=np.zeros((0, max_len), np.int32), loss_mask=np.zeros((0, max_len), np.int32),
-                reward=np.zeros((0,), np.float32))
+                weight=np.zeros((0,), np.float32))
   return dict(tokens=np.stack(toks), loss_mask=np.stack(masks),
-              reward=np.asarray(kept_rewards, np.float32))
+              weight=np.asarray(kept_rewards, np.float32))
 
 
 def example_lengths(data: dict) -> np.ndarray:
@@ -281,7 +281,7 @@ def pack_rows(data: dict) -> dict:
   examples at 448 in benchmarks/train_step.py, against 56% one per row).
 
   Per-token keys ([N, L]) are moved with their examples; per-example keys ([N],
-  the reward) become per token.  Adds `segment_ids` and `positions` (see the
+  the weight) become per token.  Adds `segment_ids` and `positions` (see the
   module docstring).  Examples without any weighted position are dropped (they
   add nothing to a loss).  Deterministic: every host packs the same rows.
   """
@@ -302,7 +302,7 @@ def pack_rows(data: dict) -> dict:
     rows[r].append(i)
     bisect.insort(room, (left - int(lengths[i]), r))
   out = {k: np.zeros((len(rows), width), np.asarray(v).dtype) for k, v in data.items()}
-  out["reward"] = np.zeros((len(rows), width), np.float32)
+  out["weight"] = np.zeros((len(rows), width), np.float32)
   out["segment_ids"] = np.zeros((len(rows), width), np.int32)
   out["positions"] = np.zeros((len(rows), width), np.int32)
   for r, members in enumerate(rows):

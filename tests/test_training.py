@@ -25,7 +25,7 @@ def make_data(n=16, length=20, seed=0, prompt=6):
   toks[:, -1] = 1
   mask = np.zeros((n, length), np.int32)
   mask[:, prompt:] = 1
-  return dict(tokens=toks, loss_mask=mask, reward=np.ones(n, np.float32))
+  return dict(tokens=toks, loss_mask=mask, weight=np.ones(n, np.float32))
 
 
 def test_sharded_step_equals_single_device():
@@ -61,7 +61,7 @@ def test_zero_reward_gives_no_gradient():
   data = make_data(8)
   state, sh = training.create_state(INIT, tc, mesh)
   step = training.jit_train_step(NLL, tc, mesh, sh)
-  half = dict(data, reward=np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32))
+  half = dict(data, weight=np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32))
   changed = dict(half, tokens=half["tokens"].copy())
   changed["tokens"][4:] = np.random.RandomState(9).randint(3, 61, changed["tokens"][4:].shape)
   p0 = jax.device_get(state.params)
@@ -135,7 +135,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
 
 def test_learns_memorised_answers_and_only_rewarded_ones(tmp_path):
   data = make_data(16, 18, seed=3)
-  data["reward"][8:] = 0.0
+  data["weight"][8:] = 0.0
   tc = training.TrainConfig(batch_size=16, warmup_steps=10, total_steps=250, learning_rate=3e-3,
                             eval_every=1000, checkpoint_every=1000)
   history = []
@@ -175,11 +175,11 @@ def test_train_takes_any_loss_and_init(tmp_path):
 
   def loss_fn(params, batch):
     x_BxD = params["lm"]["embed"][batch["tokens"]].mean(1)
-    err_B = x_BxD @ params["head"] - batch["reward"]
+    err_B = x_BxD @ params["head"] - batch["weight"]
     return jnp.sum(err_B ** 2), jnp.float32(err_B.shape[0]), {"abs_err": jnp.sum(jnp.abs(err_B))}
 
   data = make_data(16)
-  data["reward"] = (np.arange(16) % 2).astype(np.float32)
+  data["weight"] = (np.arange(16) % 2).astype(np.float32)
   tc = training.TrainConfig(batch_size=8, warmup_steps=5, total_steps=150, learning_rate=1e-2,
                             checkpoint_every=1000, log_every=10)
   history = []
@@ -218,9 +218,9 @@ def test_pack_rows_keeps_every_example_once_in_fewer_rows():
       assert (np.diff(at) == 1).all()  # contiguous, positions restart at 0
       np.testing.assert_array_equal(packed["positions"][r, at], np.arange(len(at)))
       seen.append((tuple(packed["tokens"][r, at]), tuple(packed["loss_mask"][r, at]),
-                   float(packed["reward"][r, at[0]])))
-      assert (packed["reward"][r, at] == packed["reward"][r, at[0]]).all()
-  want = [(tuple(data["tokens"][i, :n]), tuple(data["loss_mask"][i, :n]), float(data["reward"][i]))
+                   float(packed["weight"][r, at[0]])))
+      assert (packed["weight"][r, at] == packed["weight"][r, at[0]]).all()
+  want = [(tuple(data["tokens"][i, :n]), tuple(data["loss_mask"][i, :n]), float(data["weight"][i]))
           for i, n in enumerate(lengths)]
   assert sorted(seen) == sorted(want)
 
@@ -237,16 +237,16 @@ def test_packed_loss_and_gradients_equal_unpacked():
   # differently and summed in another order (<= 12 x 32 terms, ~sqrt(n) eps each) plus
   # attention softmaxes over other numbers of masked keys (exact zeros): 64 eps of the scale.
   for i in range(len(lengths)):  # one example at a time: the others carry reward 0
-    one = dict(data, reward=np.where(np.arange(len(lengths)) == i, data["reward"], 0).astype(np.float32))
-    p_one = dict(packed, reward=np.zeros_like(packed["reward"]))
-    p_one["reward"][_segment_of(packed, data, i)] = data["reward"][i]
+    one = dict(data, weight=np.where(np.arange(len(lengths)) == i, data["weight"], 0).astype(np.float32))
+    p_one = dict(packed, weight=np.zeros_like(packed["weight"]))
+    p_one["weight"][_segment_of(packed, data, i)] = data["weight"][i]
     assert_close(sums(params, p_one), sums(params, one), 64, err_msg=f"example {i}")
-    if data["reward"][i] > 0:
+    if data["weight"][i] > 0:
       jax.tree.map(lambda a, b: assert_close(a, b, 64, err_msg=f"example {i}"),
                    grad(params, p_one), grad(params, one))
   total_p, total_u = sums(params, packed), sums(params, data)
   assert_close(total_p, total_u, 64)
-  assert total_u[1] == float(np.sum(data["loss_mask"] * data["reward"][:, None]))
+  assert total_u[1] == float(np.sum(data["loss_mask"] * data["weight"][:, None]))
   jax.tree.map(lambda a, b: assert_close(a, b, 64), grad(params, packed), grad(params, data))
 
 
