@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from restem_jax import model, partitioning, training  # noqa: E402
+from restem_jax import examples, model, partitioning, training  # noqa: E402
 
 
 def matmul_peak(dtype, n: int) -> float:
@@ -66,7 +66,7 @@ def smollm2_mstep(args, mesh):
   task = tasks.chat(tasks.get("gsm8k"), v, tasks.ChatFormat(
       instruction="\nSolve it step by step, then give the final answer on its own line as: #### <number>"))
   rows = task.load("train")[:args.examples]
-  data = training.pack_examples([v.encode(r["prompt"]) for r in rows], [v.encode(r["solution"]) for r in rows],
+  data = examples.policy_examples([v.encode(r["prompt"]) for r in rows], [v.encode(r["solution"]) for r in rows],
                                 [1.0] * len(rows), v.eos_id, args.seq)
   print(f"model {cfg.num_params() / 1e6:.1f}M params, {len(data['tokens'])} GSM8K chat examples of "
         f"{len(rows)} (<= {args.seq} tokens), batch {args.batch} rows x {args.seq}, grad_accum "

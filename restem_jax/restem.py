@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from restem_jax import checkpoints, evaluation, files, multihost, partitioning, report, reward, rollouts, training
+from restem_jax import (checkpoints, evaluation, examples, files, multihost, partitioning, report, reward,
+                        rollouts, training)
 from restem_jax import model as model_lib
 from restem_jax.files import read_json, write_json
 from restem_jax.runlog import RunLog
@@ -112,7 +113,7 @@ class RestemConfig:
 def human_examples(task, split: str, vocab, max_len: int) -> dict:
   """The split's reference solutions as a training set (reward 1)."""
   rows = task.load(split)
-  return training.pack_examples([vocab.encode(r["prompt"]) for r in rows],
+  return examples.policy_examples([vocab.encode(r["prompt"]) for r in rows],
                                 [vocab.encode(r["solution"]) for r in rows], [1.0] * len(rows),
                                 vocab.eos_id, max_len)
 

@@ -25,7 +25,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from restem_jax import files, multihost, sampling, training
+from restem_jax import files, multihost, sampling
+from restem_jax.examples import policy_examples
 from restem_jax import model as model_lib
 
 
@@ -181,7 +182,7 @@ def examples(r: Rollouts, keep: np.ndarray, eos_id: int, max_len: int,
   with: sample with few-shot prompts, train on zero-shot ones."""
   idx = list(zip(*np.nonzero(keep)))
   prompt = (lambda i: list(prompts[i])) if prompts is not None else r.prompt  # noqa: E731
-  return training.pack_examples([prompt(i) for i, _ in idx], [r.completion(i, j) for i, j in idx],
+  return policy_examples([prompt(i) for i, _ in idx], [r.completion(i, j) for i, j in idx],
                                 [float(r.rewards[i, j]) for i, j in idx], eos_id, max_len)
 
 

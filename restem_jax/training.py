@@ -36,7 +36,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -234,34 +234,6 @@ def batch_for_step(data: dict, step: int, batch_size: int, seed: int) -> dict:
   if len(idx) < batch_size:  # fewer examples than one batch: wrap around
     idx = np.resize(order, batch_size)
   return {k: v[idx] for k, v in data.items()}
-
-
-def pack_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                  rewards: Sequence[float], eos_id: int, max_len: int) -> dict:
-  """Token lists -> a training set: prompt + completion + EOS, right-padded to
-  `max_len`, loss on the completion and EOS.  Longer examples are dropped (and
-  counted in a warning)."""
-  toks, masks, kept_rewards = [], [], []
-  for p, c, r in zip(prompts, completions, rewards):
-    c = list(c) + [eos_id]
-    if len(p) + len(c) > max_len:
-      continue
-    t = np.zeros(max_len, np.int32)
-    m = np.zeros(max_len, np.int32)
-    t[:len(p) + len(c)] = list(p) + c
-    m[len(p):len(p) + len(c)] = 1
-    toks.append(t)
-    masks.append(m)
-    kept_rewards.append(r)
-  if len(toks) < len(prompts):
-    logging.warning("%d examples longer than max_len=%d were dropped", len(prompts) - len(toks), max_len)
-  if not toks and len(prompts):
-    raise ValueError(f"no training examples ({len(prompts)} given, all longer than max_len={max_len})")
-  if not toks:
-    return dict(tokens=np.zeros((0, max_len), np.int32), loss_mask=np.zeros((0, max_len), np.int32),
-                weight=np.zeros((0,), np.float32))
-  return dict(tokens=np.stack(toks), loss_mask=np.stack(masks),
-              weight=np.asarray(kept_rewards, np.float32))
 
 
 def example_lengths(data: dict) -> np.ndarray:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import assert_close
-from restem_jax import checkpoints, model, partitioning, sampling, training
+from restem_jax import checkpoints, examples, model, partitioning, sampling, training
 
 CFG = model.ModelConfig(vocab_size=61, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         mlp_dim=128)
@@ -198,7 +198,7 @@ def _variable_examples(n=12, width=32, seed=3):
   prompts = [list(rng.randint(3, 61, rng.randint(2, 8))) for _ in range(n)]
   comps = [list(rng.randint(3, 61, rng.randint(1, 15))) for _ in range(n)]
   rewards = rng.choice([0.0, 0.5, 1.0, 2.0], n)
-  return training.pack_examples(prompts, comps, rewards, 1, width)
+  return examples.policy_examples(prompts, comps, rewards, 1, width)
 
 
 def test_pack_rows_keeps_every_example_once_in_fewer_rows():
