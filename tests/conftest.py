@@ -25,6 +25,22 @@ import pytest  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def pytest_configure(config):
+  """The suite runs with `--dist loadgroup` (Makefile): each xdist_group stays on one
+  worker, which builds its shared fixtures (a tiny run, the SmolLM2 run, the TFDS
+  data) once.  pytest-xdist marks a group by renaming node ids, which pytest 9.2
+  ignores: the groups would split silently, their fixtures built on every worker."""
+  if getattr(config.option, "dist", "no") != "loadgroup":
+    return
+  import xdist
+  from packaging.version import Version
+  if Version(pytest.__version__) >= Version("9.2") and Version(xdist.__version__) <= Version("3.8.0"):
+    raise pytest.UsageError(
+        f"pytest {pytest.__version__} ignores the test groups of pytest-xdist {xdist.__version__} "
+        "(--dist loadgroup): grouped tests would spread over the workers and build their shared "
+        "fixtures on each; pip install 'pytest<9.2' (setup.py's test extras pin it)")
+
+
 def assert_close(actual, desired, ulps: float, dtype=np.float32, err_msg: str = ""):
   """`actual` equals `desired` up to rounding, both computed in `dtype` along
   different paths (summation order, fusion, sharding, another library).
