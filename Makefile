@@ -30,7 +30,7 @@ demo: $(STAMP) sandbox
 	$(BIN)/python -m restem_jax.main --gin_file=gin/restem_arith.gin --gin.RUN_DIR="'$(RUN_DIR)'"
 
 test: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sampler.py

@@ -41,6 +41,21 @@ def pytest_configure(config):
         "fixtures on each; pip install 'pytest<9.2' (setup.py's test extras pin it)")
 
 
+# The longest groups first (Makefile: --no-loadscope-reorder keeps this order), so the
+# many short modules fill in around them on the other worker: xdist's own order (by
+# test count) would leave a long one-test group (the notebook) for the end.
+LONGEST_GROUPS = ("tiny_run", "real_model", "reward", "notebook", "tfds", "extend")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {g: i for i, g in enumerate(LONGEST_GROUPS)}
+
+  def group(item):
+    mark = item.get_closest_marker("xdist_group")
+    return rank.get(mark.args[0] if mark and mark.args else None, len(rank))
+  items.sort(key=group)  # stable: each module keeps its order and stays in one piece
+
+
 def assert_close(actual, desired, ulps: float, dtype=np.float32, err_msg: str = ""):
   """`actual` equals `desired` up to rounding, both computed in `dtype` along
   different paths (summation order, fusion, sharding, another library).
