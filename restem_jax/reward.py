@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,6 @@ from restem_jax import model as model_lib
 
 NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
 RATING_TO_CLASS = {-1: NEGATIVE, 0: NEUTRAL, 1: POSITIVE}
-KINDS = ("orm", "prm")
 
 
 # ----------------------------------------------------------------------------- model
@@ -235,15 +234,9 @@ def scores(cfg, params, examples: Sequence[Labelled], kind: str, *, max_len: int
     probs = class_probs(cfg, params, tokens[rows, :width], batch_size)
     for k, r in enumerate(rows):
       at[int(r)] = probs[k, where[r]] if where[r] else np.zeros((0, 3), np.float32)
-  out, per_pos = np.zeros(len(examples), np.float32), []
-  for r in range(len(examples)):
-    sp = at[r]
-    per_pos.append(sp)
-    if kind == "orm":
-      out[r] = sp[-1, POSITIVE] if len(sp) else 0.5
-    else:
-      out[r] = reduce_steps(sp, reduction, neutral_is_correct)
-  return out, per_pos
+  score = kind_of(kind).score
+  per_pos = [at[r] for r in range(len(examples))]
+  return np.array([score(sp, reduction, neutral_is_correct) for sp in per_pos], np.float32), per_pos
 
 
 def first_wrong_step(step_probs: np.ndarray, threshold: float = 0.5) -> int:
@@ -261,33 +254,57 @@ def from_rollouts(r, vocab, task, kind: str, labelled: bool = True,
   ORM by the verifier's verdict; PRM by the task's exact step labels
   (`task.step_labels`, which read the problem's record: `records`, by id) on
   steps split by `task.step_separator`."""
-  if kind not in KINDS:
-    raise ValueError(f"unknown reward model kind {kind!r}; kinds: {KINDS}")
+  k = kind_of(kind)
   if labelled and not r.verified:
     raise ValueError("rollouts are not verified: no labels")
-  if kind == "prm" and labelled and task.step_labels is None:
+  if k.steps and labelled and task.step_labels is None:
     raise ValueError(f"task {task.name} has no exact step labels (Task.step_labels); "
                      "train its PRM on PRM800K-style step records instead")
   by_id = {str(x["id"]): x for x in records or ()}
-  if kind == "prm" and labelled and any(str(i) not in by_id for i in r.problem_ids):
+  if k.steps and labelled and any(str(i) not in by_id for i in r.problem_ids):
     raise ValueError("from_rollouts: exact step labels need every sample's problem record (records)")
   out = []
   for i in range(r.num_problems):
-    prompt = r.prompt(i)
+    prompt, record = r.prompt(i), by_id.get(str(r.problem_ids[i]))
     for j in range(r.num_samples):
-      comp = r.completion(i, j)
       correct = bool(r.rewards[i, j] > 0) if labelled else None
-      if kind == "orm":
-        out.append(orm_example(prompt, comp, correct))
-        continue
-      ends = char_ends(vocab, comp)
-      text = vocab.decode(comp)
-      spans = step_spans(text, task.step_separator)
-      labels = None
-      if labelled:
-        labels = [RATING_TO_CLASS[x] for x in task.step_labels(text, spans, correct, by_id[str(r.problem_ids[i])])]
-      out.append(prm_example(prompt, comp, ends, spans, labels))
+      out.append(k.example(prompt, r.completion(i, j), vocab, task, correct, record))
   return out
+
+
+def _prm_sample(prompt, completion, vocab, task, correct: bool | None, record: dict | None) -> Labelled:
+  """A sampled solution's steps (`task.step_separator`) with the task's exact labels
+  (`task.step_labels`; none where `correct` is None)."""
+  text = vocab.decode(completion)
+  spans = step_spans(text, task.step_separator)
+  labels = None if correct is None else [RATING_TO_CLASS[x] for x in task.step_labels(text, spans, correct, record)]
+  return prm_example(prompt, completion, char_ends(vocab, completion), spans, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """What makes a reward model an ORM or a PRM; the head, the loss and training are
+  shared.  A new kind is one more entry in KINDS (`RewardConfig.kind` names it)."""
+  name: str
+  # (prompt ids, sampled completion ids, vocab, task, verdict or None, problem record) -> Labelled
+  example: Callable
+  # (class probabilities at its positions [n, 3], reduction, neutral_is_correct) -> a solution's score
+  score: Callable
+  steps: bool  # labels sit on steps: judged (and kept best) by locating the first wrong one
+
+
+KINDS = {
+    "orm": Kind("orm", lambda p, c, vocab, task, correct, record: orm_example(p, c, correct),
+                lambda sp, reduction, neutral: float(sp[-1, POSITIVE]) if len(sp) else 0.5, steps=False),
+    "prm": Kind("prm", _prm_sample, lambda sp, reduction, neutral: reduce_steps(sp, reduction, neutral),
+                steps=True),
+}
+
+
+def kind_of(name: str) -> Kind:
+  if name not in KINDS:
+    raise ValueError(f"unknown reward model kind {name!r}; kinds: {tuple(KINDS)}")
+  return KINDS[name]
 
 
 def from_steps(prompt: Sequence[int], steps: Sequence[str], ratings: Sequence, vocab,

@@ -56,7 +56,7 @@ def evaluate_rm(cfg, params, examples, kind, rc, correct=None) -> dict:
   settings); with `correct`, the solution-level ones too."""
   s, per = reward.scores(cfg, params, examples, kind, max_len=rc.max_len, reduction=rc.reduction,
                          neutral_is_correct=rc.neutral_is_correct)
-  m = step_metrics(per, examples) if kind == "prm" else {}
+  m = step_metrics(per, examples) if reward.kind_of(kind).steps else {}
   if correct is not None:
     m.update(outcome_metrics(s, correct))
   return m

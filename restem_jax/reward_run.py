@@ -41,7 +41,7 @@ from restem_jax.sampling import SamplingConfig
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
   """What a reward-model run trains on and how it is judged."""
-  kind: str = "prm"  # "orm" | "prm"
+  kind: str = "prm"  # a key of reward.KINDS: "orm" | "prm"
   source: str = "rollouts"  # "rollouts" (of `policy`) | "prm800k"
   policy: str = ""  # training folder, Hugging Face folder or .gguf the samples come from
   init: str = "policy"  # "policy" | "scratch" | a checkpoint / HF folder / .gguf
@@ -73,7 +73,7 @@ class RewardConfig:
 
   def __post_init__(self):
     if self.kind not in reward.KINDS:
-      raise ValueError(f"RewardConfig.kind: {self.kind!r} is not one of {reward.KINDS}")
+      raise ValueError(f"RewardConfig.kind: {self.kind!r} is not one of {tuple(reward.KINDS)}")
     if self.source not in ("rollouts", "prm800k"):
       raise ValueError(f"RewardConfig.source: {self.source!r} is not 'rollouts' or 'prm800k'")
     if self.labels not in ("exact", "mc"):
@@ -150,7 +150,7 @@ def train_rm(rc: RewardConfig, model, tc: training.TrainConfig, validation: rewa
 
   def validate(params):
     m = reward_metrics.evaluate_rm(model, params, validation.examples, rc.kind, rc, validation.correct)
-    if rc.kind == "prm":
+    if reward.kind_of(rc.kind).steps:
       return m["first_wrong_step_accuracy"]
     return 100 * m["auroc"] if both else m["solution_accuracy"]
 
