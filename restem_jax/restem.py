@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from restem_jax import (checkpoints, evaluation, examples, files, multihost, partitioning, report, reward,
-                        rollouts, training)
+from restem_jax import (checkpoints, evaluation, examples, files, multihost, report, reward, rollouts, runlog,
+                        training)
 from restem_jax import model as model_lib
 from restem_jax.files import read_json, write_json
 from restem_jax.runlog import RunLog
@@ -298,15 +298,10 @@ def run(run_dir: str, config: RestemConfig = RestemConfig(),
   from restem_jax import vocab as vocab_lib
   task = task or tasks_lib.get(config.task)
   transfer = transfer if transfer is not None else [(tasks_lib.get(t), *rest) for t, *rest in config.transfer]
-  mesh = partitioning.make_mesh(mesh_shape)
-  engine = rollouts.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, config.sample_batch_size,
+  with runlog.run(run_dir, mesh_shape) as (log, mesh):
+    engine = rollouts.Engine(model, vocab or vocab_lib.ByteVocabulary(), mesh, config.sample_batch_size,
                              config.workers or None)
-  log = RunLog(run_dir)
-  try:
-    with jax.set_mesh(mesh):
-      return _loop(run_dir, config, engine, task, transfer, sft, mstep, log, sample_task)
-  finally:
-    log.close()
+    return _loop(run_dir, config, engine, task, transfer, sft, mstep, log, sample_task)
 
 
 def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy, init, human,

@@ -21,20 +21,17 @@ summary.json.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import os
 
-import jax
 import numpy as np
 
-from restem_jax import (best_of_n, checkpoints, files, multihost, partitioning, reward, reward_data,
-                        reward_metrics, rollouts, training)
+from restem_jax import (best_of_n, checkpoints, files, multihost, reward, reward_data,
+                        reward_metrics, rollouts, runlog, training)
 from restem_jax import model as model_lib
 from restem_jax.files import read_json, write_json
-from restem_jax.runlog import RunLog
 from restem_jax.sampling import SamplingConfig
 
 
@@ -96,8 +93,7 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
   folder for an ORM and a PRM trained on the same samples.  An empty
   `rc.test_split` skips the test metrics (best-of-N measures on its own pool)."""
   rollouts_dir = rollouts_dir or os.path.join(run_dir, "rollouts")
-  mesh = partitioning.make_mesh(tuple(mesh_shape))
-  with contextlib.closing(RunLog(run_dir)) as log, jax.set_mesh(mesh):  # the log closes on any exit
+  with runlog.run(run_dir, mesh_shape) as (log, mesh):
     policy, mc_agreement = None, {}
     if rc.source == "rollouts":
       if not rc.policy:
@@ -214,8 +210,7 @@ def best_of_n_run(run_dir: str, policy: str, orm: str, prm: str, model: model_li
   samples behind `sample_task`'s, where given).  Where the task's steps are
   checkable, the PRM's first-wrong-step accuracy on the pool is reported too
   (`first_wrong_step`: held-out problems, every sample)."""
-  mesh = partitioning.make_mesh(tuple(mesh_shape))
-  with contextlib.closing(RunLog(run_dir)) as log, jax.set_mesh(mesh):  # the log closes on any exit
+  with runlog.run(run_dir, mesh_shape) as (log, mesh):
     params = checkpoints.load_params(policy, model, mesh)
     r = reward_data.rollouts_for(_engine(model, vocab, mesh, rc), params, task, split, limit, sampling,
                      os.path.join(run_dir, "rollouts"), rc.seed, sample_task)

@@ -86,3 +86,15 @@ class RunLog:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+@contextlib.contextmanager
+def run(run_dir: str, mesh_shape=(-1, 1, 1)):
+  """A run's set-up and tear-down: its device mesh, made the current one, and its
+  RunLog, closed on any exit.  Yields (log, mesh)."""
+  import jax
+
+  from restem_jax import partitioning
+  mesh = partitioning.make_mesh(tuple(mesh_shape))
+  with contextlib.closing(RunLog(run_dir)) as log, jax.set_mesh(mesh):
+    yield log, mesh
