@@ -141,12 +141,11 @@ def check_decode_lengths(vocab, checks, fallback: Sequence[dict] = (), sample: i
   return out
 
 
-def prm_filter(r: rollouts.Rollouts, prm, task, vocab, threshold: float, max_len: int
+def prm_filter(r: rollouts.Rollouts, cfg, prm_params, task, vocab, threshold: float, max_len: int
                ) -> tuple[rollouts.Rollouts, dict]:
   """`r` with the rewards of answer-correct samples whose PRM score is below
-  `threshold` set to 0.  prm: (model config, reward-model parameters)."""
-  cfg, params = prm
-  scores, _ = reward.scores(cfg, params, reward.from_rollouts(r, vocab, task, "prm", labelled=False),
+  `threshold` set to 0 (`cfg`: the model config of the PRM's decoder)."""
+  scores, _ = reward.scores(cfg, prm_params, reward.from_rollouts(r, vocab, task, "prm", labelled=False),
                             "prm", max_len=max_len)
   scores = scores.reshape(r.rewards.shape)
   drop = (r.rewards > 0) & (scores < threshold)
@@ -321,7 +320,7 @@ def iteration(it: int, engine, cfg: RestemConfig, task, pool: list[dict], policy
   kept_path = os.path.join(stage_dir, "kept.jsonl")
   filtered = {}
   if prm is not None:
-    r, filtered = prm_filter(r, prm, task, engine.vocab, cfg.prm_threshold, cfg.max_len)
+    r, filtered = prm_filter(r, engine.model, prm, task, engine.vocab, cfg.prm_threshold, cfg.max_len)
   if cfg.require_correct_steps:
     r, dropped = step_filter(r, task, engine.vocab, pool)
     filtered.update(dropped)
@@ -371,8 +370,7 @@ def _loop(run_dir, cfg: RestemConfig, engine, task, transfer, sft, mstep, log: R
 
   prm = None
   if cfg.prm_filter:
-    prm = (engine.model, checkpoints.load_params(cfg.prm_filter, engine.model, engine.mesh,
-                                                init=reward.init_params))
+    prm = checkpoints.load_params(cfg.prm_filter, engine.model, engine.mesh, init=reward.init_params)
   given = given_model(engine, cfg)
   if given is None and not cfg.human_split:
     raise ValueError("RestemConfig: no human_split and no hf_model_dir / base_checkpoint: nothing to start from")

@@ -426,7 +426,7 @@ def test_prm_filter_drops_correct_samples_the_prm_scores_low(bias, dropped):
   params["head"] = {"kernel": jnp.zeros((32, 3)), "bias": jnp.asarray(bias)}
   r = _rollouts([["1+2=3;3*3=9\n#### 9", "1+2=4;4*3=9\n#### 9"], ["1+2=3;3*3=9\n#### 9", "x\n#### 8"]],
                 [[1.0, 1.0], [1.0, 0.0]])
-  out, stats = restem.prm_filter(r, (cfg, params), tasks.get("arith"), BYTES, 0.5, 64)
+  out, stats = restem.prm_filter(r, cfg, params, tasks.get("arith"), BYTES, 0.5, 64)
   assert stats["prm_dropped"] == dropped and int((out.rewards > 0).sum()) == 3 - dropped
   assert out.rewards[1, 1] == 0 and (out.tokens == r.tokens).all()
 
