@@ -266,7 +266,8 @@ def to_gguf(params, cfg: model_lib.ModelConfig, out_path: str, base: str, file_t
     multihost.barrier("gguf written")
     return out_path
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  w = gg.GGUFWriter(out_path, arch)
+  partial = f"{out_path}.partial"  # renamed when complete: a killed export leaves no half-written file
+  w = gg.GGUFWriter(partial, arch)
   # no general.name: transformers' GGUF loader takes a "llama" file whose name says "mistral" for a
   # Mistral architecture it cannot load
   w.add_context_length(int(conf.get("max_position_embeddings", 2048)))
@@ -307,6 +308,7 @@ def to_gguf(params, cfg: model_lib.ModelConfig, out_path: str, base: str, file_t
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+  os.replace(partial, out_path)
   multihost.barrier("gguf written")
   return out_path
 

@@ -34,15 +34,20 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
-@functools.lru_cache(maxsize=2)
 def _reader(path: str):
   """The file's GGUFReader, after checking that the header and every tensor's
   bytes lie within the file (a truncated download otherwise fails deep inside
-  numpy without naming the file)."""
-  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+  numpy without naming the file).  Cached per version of the file: a file written
+  again at the same path (a re-export, a new download) is read again."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such GGUF file")
-  size = os.path.getsize(path)
+  st = os.stat(path)
+  return _reader_of(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader_of(path: str, inode: int, size: int, mtime_ns: int):
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != b"GGUF":
@@ -158,7 +163,9 @@ class Tensors:
   def get(self, name: str) -> np.ndarray:
     from gguf import quants
     t = self._by_name[name]
-    w = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
+    # a copy: the reader's f32 tensors are views of the mapped file, and arrays placed on a
+    # CPU device may keep sharing that memory, which a file written again would change
+    w = np.array(quants.dequantize(t.data, t.tensor_type), np.float32)
     w = w.reshape(tuple(int(x) for x in reversed(t.shape)))  # GGUF lists dims innermost first
     for part, heads in self._permute.items():
       if f".{part}." in name:

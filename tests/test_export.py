@@ -100,6 +100,25 @@ def test_sharded_and_bfloat16_folders(tiny, tmp_path):
 Q8_BOUND = lambda block_max: block_max / 127 * (0.5 + 127 * 2 ** -11)  # noqa: E731
 
 
+def test_a_gguf_written_again_at_the_same_path_is_read_again(tiny, tmp_path):
+  """The GGUF reader is cached per file version: an export written again at the same
+  path (f32, then f16) reads back as the new file, not the one read first."""
+  name, base, cfg, params = tiny
+  path = str(tmp_path / f"{name}.gguf")
+  export.to_gguf(params, cfg, path, base, "f32")
+  _, first = hf.load(path)
+  export.to_gguf(params, cfg, path, base, "f16")
+  _, second = hf.load(path)
+  rounded = 0
+  for w, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(first), jax.tree.leaves(second)):
+    w, a, b = np.asarray(w), np.asarray(a), np.asarray(b)
+    np.testing.assert_array_equal(a, w)  # the f32 file, still as read after the second export
+    if not np.array_equal(b, w):  # matrices are f16 in the second file (norms, biases stay f32)
+      np.testing.assert_array_equal(b, w.astype(np.float16).astype(np.float32))
+      rounded += 1
+  assert rounded
+
+
 @pytest.mark.parametrize("file_type", ["f32", "f16", "q8_0"])
 def test_gguf_round_trip(tiny, file_type, tmp_path):
   name, base, cfg, params = tiny
