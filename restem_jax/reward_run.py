@@ -99,8 +99,9 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
       if not rc.policy:
         raise ValueError("RewardConfig.policy: a checkpoint to sample from is needed (source 'rollouts')")
       policy = checkpoints.load_params(rc.policy, model, mesh)
-      splits, mc_agreement = reward_data.rollout_splits(_engine(model, vocab, mesh, rc), policy, task, rc,
-                                                        rollouts_dir, sample_task, log.mark)
+      engine = _engine(model, vocab, mesh, rc)
+      splits, mc_agreement = reward_data.rollout_splits(engine, policy, task, rc, rollouts_dir, sample_task,
+                                                        log.mark)
     else:
       splits = reward_data.prm800k_splits(task, vocab, rc)
     data = reward.pack(splits["train"].examples, rc.max_len)
@@ -126,7 +127,7 @@ def train_run(run_dir: str, rc: RewardConfig, model: model_lib.ModelConfig, tc: 
       if policy is None:
         raise ValueError("RewardConfig.active_samples needs source 'rollouts' (a policy to sample)")
       summary["active_learning"] = active_learning(
-          run_dir, rc, model, _engine(model, vocab, mesh, rc), task, policy, best, splits, fit, log, sample_task)
+          run_dir, rc, model, engine, task, policy, best, splits, fit, log, sample_task)
     summary["wall_time_s"] = round(log.wall_time(), 1)
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log("test", summary["test"])
