@@ -375,3 +375,11 @@ def test_one_worker_per_thread_replaced_when_dead_or_fresh_and_closed_once():
   assert closed[2:] == [other[0], c] or closed[2:] == [c, other[0]]
   pool.close_all()
   assert len(closed) == 4  # each closed once
+  # a worker whose thread ended and which then died is closed (its files removed) when
+  # another thread makes a worker, not dropped
+  t = threading.Thread(target=lambda: other.append(pool.get()))
+  t.start()
+  t.join()
+  other[-1].up = False
+  pool.get(fresh=True)
+  assert closed[-1] is other[-1]
