@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import zlib
 from typing import NamedTuple
 
@@ -115,6 +116,54 @@ def _mc_label(engine, params, task, r, records, sc, seed, base):
 
 
 
+_NUMBER = re.compile(r"-?\d+")
+
+
+def slip(value: int, rng: np.random.Generator) -> int:
+  """A plausible arithmetic slip of `value`: off by 1, 2 or 10, or by a random 3..9,
+  never negative where `value` is not."""
+  delta = int(rng.choice([-10, -2, -1, 1, 2, 10, int(rng.integers(3, 10)) * int(rng.choice([-1, 1]))]))
+  return value + abs(delta) if value >= 0 and value + delta < 0 else value + delta
+
+
+def perturbed(r, vocab, task, records, kind: str, copies: int, seed: int) -> list[reward.Labelled]:
+  """Label balance without sampling: from each right sample, `copies` wrong ones.
+  A copy is the sample's text through a random step before its last (the answer
+  line) with that step's last number changed by `slip`, so the first wrong step
+  is the policy's own solution with one slip in it.  Labelled as samples are (the
+  task's exact step labels; for an ORM, a wrong answer: it has none); a copy the
+  checker still calls right is dropped.  Deterministic in `seed`."""
+  if task.step_labels is None:
+    raise ValueError(f"RewardConfig.perturbed: task {task.name} has no exact step labels to label "
+                     "perturbed solutions with (Task.step_labels)")
+  by_id = {str(x["id"]): x for x in records}
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(r.num_problems):
+    record, prompt = by_id[str(r.problem_ids[i])], r.prompt(i)
+    for j in np.nonzero(r.rewards[i] > 0)[0]:
+      text = vocab.decode(r.completion(i, int(j)))
+      spans = reward.step_spans(text, task.step_separator)
+      for _ in range(copies if len(spans) > 1 else 0):
+        a, b = spans[int(rng.integers(len(spans) - 1))]
+        nums = list(_NUMBER.finditer(text, a, b))
+        if not nums:
+          continue
+        m = nums[-1]
+        cut = text[:m.start()] + str(slip(int(m.group()), rng)) + text[m.end():b]
+        cut_spans = reward.step_spans(cut, task.step_separator)
+        ratings = task.step_labels(cut, cut_spans, False, record)
+        if ratings[-1] != -1:
+          continue
+        ids, offsets = vocab.encode_with_offsets(cut)
+        if kind == "orm":
+          out.append(reward.orm_example(prompt, ids, False))
+        else:
+          out.append(reward.prm_example(prompt, ids, [e for _, e in offsets], cut_spans,
+                                        [reward.RATING_TO_CLASS[x] for x in ratings]))
+  return out
+
+
 def rollout_splits(engine, policy, task, rc, rollouts_dir: str, sample_task=None, mark=None
                    ) -> tuple[dict[str, Split], dict]:
   """`policy`'s verified samples of rc's train / validation / test splits (an
@@ -142,7 +191,12 @@ def rollout_splits(engine, policy, task, rc, rollouts_dir: str, sample_task=None
         mc_agreement[name] = float(100 * np.mean(same)) if same else None
     else:
       examples = reward.from_rollouts(r, engine.vocab, task, rc.kind, records=recs)
-    out[name] = Split(examples, (r.rewards > 0).reshape(-1))
+    correct = (r.rewards > 0).reshape(-1)
+    if name == "train" and rc.perturbed:
+      extra = perturbed(r, engine.vocab, task, recs, rc.kind, rc.perturbed,
+                        zlib.crc32(f"perturbed/{split}".encode()) + rc.seed)
+      examples, correct = examples + extra, np.concatenate([correct, np.zeros(len(extra), bool)])
+    out[name] = Split(examples, correct)
     if mark:
       mark(f"rollouts {name}")
   return out, mc_agreement

@@ -67,6 +67,9 @@ class RewardConfig:
   # while validation and test keep exact labels where the task has them)
   labels: str = "exact"
   mc_rollouts: int = 4
+  # label balance: per right training sample, this many wrong copies (one step's
+  # last number slipped, cut after it; `reward_data.perturbed`), exact labels only
+  perturbed: int = 0
 
   def __post_init__(self):
     if self.kind not in reward.KINDS:
@@ -77,6 +80,8 @@ class RewardConfig:
       raise ValueError(f"RewardConfig.labels: {self.labels!r} is not 'exact' or 'mc'")
     if self.active_samples and not self.test_split:
       raise ValueError("RewardConfig.active_samples: active learning is judged on test_split; give one")
+    if self.perturbed and (self.source != "rollouts" or self.labels != "exact"):
+      raise ValueError("RewardConfig.perturbed: needs source 'rollouts' with exact labels")
     if self.source == "prm800k" and self.kind != "prm":
       raise ValueError("RewardConfig: PRM800K has step labels only: kind must be 'prm'")
 

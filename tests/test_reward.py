@@ -503,3 +503,34 @@ def test_prm_filter_arms_refuse_an_sft_row():
   with pytest.raises(ValueError, match="human_split"):
     best_of_n_study.run("/tmp/unused", "policy", "", "prm", None, None, None,
                         filter_restem=restem.RestemConfig(human_split="human"))
+
+
+def test_perturbed_copies_are_right_samples_with_one_slip_labelled_by_the_checker():
+  from restem_jax import reward_data
+  task = tasks.get("arith")
+  right = "1+2=3;3*3=9;9-4=5\n#### 5"
+  r = _rollouts([[right, "1+2=3;3*3=8;8-4=4\n#### 4"]], [[1.0, 0.0]])
+  recs = [{"id": "p0", "problem": "1+2*3-4"}]
+  prm = reward_data.perturbed(r, BYTES, task, recs, "prm", 40, seed=0)
+  assert len(prm) >= 35  # from the right sample only; a slip the checker calls right is dropped
+  cut_points = set()
+  for ex in prm:
+    text = BYTES.decode(ex.completion)
+    steps = text.split(";")
+    k = len(steps) - 1
+    # the right sample through step k, with only step k's result changed
+    assert ";".join(steps[:k]) == ";".join(right.split(";")[:k]) and steps[k].split("=")[0] == right.split(";")[k].split("=")[0]
+    assert steps[k] != right.split(";")[k].split("\n")[0] and int(steps[k].split("=")[1]) >= 0
+    assert ex.labels == (POSITIVE,) * k + (NEGATIVE,) and text[ex.positions[-1]] == text[-1]
+    cut_points.add(k)
+  assert cut_points == {0, 1, 2}  # any calculation step, never the answer line
+  orm = reward_data.perturbed(r, BYTES, task, recs, "orm", 40, seed=0)
+  assert [ex.completion for ex in orm] == [ex.completion for ex in prm]
+  assert all(set(ex.labels) == {NEGATIVE} and len(ex.labels) == len(ex.completion) for ex in orm)
+  assert [ex.completion for ex in reward_data.perturbed(r, BYTES, task, recs, "prm", 40, seed=1)] != \
+      [ex.completion for ex in prm]
+  with pytest.raises(ValueError, match="no exact step labels"):
+    reward_data.perturbed(r, BYTES, tasks.get("gsm8k"), recs, "prm", 1, seed=0)
+  from restem_jax.reward_run import RewardConfig
+  with pytest.raises(ValueError, match="RewardConfig.perturbed"):
+    RewardConfig(perturbed=1, labels="mc")
