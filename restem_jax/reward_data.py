@@ -156,11 +156,11 @@ def perturbed(r, vocab, task, records, kind: str, copies: int, seed: int) -> lis
         if ratings[-1] != -1:
           continue
         ids, offsets = vocab.encode_with_offsets(cut)
-        if kind == "orm":
-          out.append(reward.orm_example(prompt, ids, False))
-        else:
+        if reward.kind_of(kind).steps:
           out.append(reward.prm_example(prompt, ids, [e for _, e in offsets], cut_spans,
                                         [reward.RATING_TO_CLASS[x] for x in ratings]))
+        else:
+          out.append(reward.orm_example(prompt, ids, False))
   return out
 
 
