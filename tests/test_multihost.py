@@ -1,6 +1,6 @@
 """Several JAX processes on this machine (gloo collectives), as on several hosts:
-the helpers, the tiny ReST^EM run on 2 processes x 4 devices against 1 process
-x 8 devices, and resume after kill -9 of one process and then of all.
+the helpers, one iteration of the tiny ReST^EM run on 2 processes x 4 devices
+against 1 process x 8 devices, and resume after kill -9 of one process and then of all.
 
 Both runs start from the same SFT checkpoint (the tiny run's).  From there the
 summaries are equal exactly: sampling and verification do not depend on how
@@ -31,9 +31,10 @@ TINY = os.path.join(ROOT, "gin", "restem_arith_tiny.gin")
 
 
 def _bindings(run_dir, base):
-  # the given model is the start: no SFT on human data (human_split '')
+  # the given model is the start: no SFT on human data (human_split ''); one iteration
+  # (a second would spread its rows and gather them the same way again)
   return [f"--gin.RUN_DIR='{run_dir}'", f"--gin.RestemConfig.base_checkpoint='{base}'",
-          "--gin.RestemConfig.human_split=''",
+          "--gin.RestemConfig.human_split=''", "--gin.RestemConfig.num_iterations=1",
           "--gin.mstep/TrainConfig.checkpoint_every=4"]  # saves mid-M-step to resume from
 
 
