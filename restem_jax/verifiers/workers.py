@@ -35,8 +35,10 @@ class PerThread(Generic[W]):
       w = self._make()
       self._local.worker, self._local.pid = w, os.getpid()
       with self._lock:
-        dead = [(x, p) for x, p in self._all if not self._alive(x)]
-        self._all[:] = [(x, p) for x, p in self._all if all(x is not d for d, _ in dead)] + [(w, os.getpid())]
+        live, dead = [], []
+        for x, p in self._all:  # each worker asked once whether it is alive
+          (live if self._alive(x) else dead).append((x, p))
+        self._all[:] = live + [(w, os.getpid())]
       for x, p in dead:  # another thread's worker that died: its files go too
         if p == os.getpid():
           self._close(x)
