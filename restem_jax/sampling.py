@@ -263,12 +263,13 @@ def decode_grow(state, width: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sc", "rules"))
-def decode_init(logits_BxV, prompt_mask_BxP, rng, eos_id, pad_id, *, cfg: model_lib.ModelConfig,
-                sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
+def decode_init(logits_BxV, prompt_mask_BxP, rng, eos_id, pad_id, num_prompts, *,
+                cfg: model_lib.ModelConfig, sc: SamplingConfig, rules=partitioning.DEFAULT_RULES):
   """The decode state of `sc.num_samples` rows per prefilled prompt (`prefill`'s
   logits; `prompt_mask_BxP` marks its real slots), token 0 drawn from the prefill's
   logits.  Row r continues prompt r // num_samples; each row's own cache holds only
-  its generated tokens (the prompt's stays in the shared prefix)."""
+  its generated tokens (the prompt's stays in the shared prefix).  Prompts from
+  `num_prompts` on fill the batch only: their rows start done."""
   with nn.logical_axis_rules(rules):
     b, _ = prompt_mask_BxP.shape
     n, t = sc.num_samples, sc.max_new_tokens
@@ -284,7 +285,7 @@ def decode_init(logits_BxV, prompt_mask_BxP, rng, eos_id, pad_id, *, cfg: model_
         tokens=jnp.full((b * n, t), pad_id, jnp.int32).at[:, 0].set(tok_N),
         logprobs=jnp.zeros((b * n, t), jnp.float32).at[:, 0].set(lp_N),
         lengths=jnp.ones((b * n,), jnp.int32),
-        done=tok_N == eos_id,
+        done=(tok_N == eos_id) | (rows_N >= num_prompts * n),
         last=tok_N,
         position=rep(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)),
         kv_mask=jnp.concatenate([rep(prompt_mask_BxP.astype(bool)), jnp.zeros((b * n, w), bool)], 1),
@@ -345,35 +346,93 @@ def take_rows(state, keep_M):
 
 
 @jax.jit
-def decode_shrink(state, prefix, keep_M, source_M):
-  """The state's rows keep_M only, each with its own copy of its prompt's prefix
-  (prefix row source_M[i]): a smaller batch."""
-  return take_rows(state, keep_M), jax.tree.map(lambda x: x[source_M], prefix)
+def decode_shrink(state, prefix, keep_M, source_C):
+  """The state's rows keep_M only, reading the prefix rows source_C (row i of the
+  new batch reads new prefix row i // (M / C)): a smaller batch."""
+  return take_rows(state, keep_M), jax.tree.map(lambda x: x[source_C], prefix)
+
+
+def shrink_plan(done_R, prompt_R, group: int, num_samples: int, quantum: int, data_parallel: int,
+                new_tokens: int, prefix_len: int, budget: int | None = None):
+  """How a batch sheds its finished rows: (keep_M, source_C) for `decode_shrink`, or
+  None to go on as it is.
+
+  Rows stay in blocks of g rows of one prompt that read one prefix row (the prompt's
+  cache): g = num_samples shares one copy of each prompt, g = 1 gives every row its
+  own.  A prompt's live rows fill ceil(live / g) blocks, padded with finished rows
+  (which compute nothing that is kept); the batch is rounded up to a multiple of
+  `quantum` rows.  Among the g (divisors of num_samples) that shrink the batch, the
+  fewest rows win, then the largest g; a plan whose caches (rows x new_tokens + prefix
+  rows x prefix_len slots) would exceed `budget` slots (default: the batch's caches
+  now) is refused, so a shrinking batch never holds more memory than before: a row
+  with a copy of its prompt of its own costs prefix_len more slots.  `done_R`: which of the R current
+  rows are finished; `prompt_R`: the prompt each continues; row r reads prefix row
+  r // group.  The plan depends only on these (the same on every host).
+  """
+  rows = len(done_R)
+  live = np.flatnonzero(~done_R)
+  finished = np.flatnonzero(done_R)
+  if not len(live) or not len(finished):
+    return None
+  if budget is None:
+    budget = rows * new_tokens + rows // group * prefix_len
+  prompts, first, counts = np.unique(prompt_R[live], return_index=True, return_counts=True)
+  best = None
+  for g in sorted((d for d in range(1, num_samples + 1) if num_samples % d == 0), reverse=True):
+    blocks = -(-counts // g)
+    size = -(-int(g * blocks.sum()) // quantum) * quantum
+    size = -(-size // g) * g
+    if (size >= rows or size % data_parallel or (size // g) % data_parallel
+        or size * new_tokens + size // g * prefix_len > budget):
+      continue
+    if best is None or size < best[0]:
+      best = (size, g, blocks)
+  if best is None:
+    return None
+  size, g, blocks = best
+  keep = np.full(size, finished[0], np.int64)  # filler: a finished row (it stays finished)
+  source = np.full(size // g, live[first[0]] // group, np.int64)
+  block = 0
+  for q, k in zip(prompts, blocks):
+    rows_q = live[prompt_R[live] == q]
+    src = rows_q[0] // group  # a prefix row that holds prompt q
+    for j in range(k):
+      part = rows_q[j * g:(j + 1) * g]
+      keep[block * g:block * g + len(part)] = part
+      source[block] = src
+      block += 1
+  return keep, source
 
 
 def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id: int, pad_id: int, *,
            cfg: model_lib.ModelConfig, sc: SamplingConfig, shrink: bool = True, data_parallel: int = 1,
-           put=lambda a, names: a, rules=partitioning.DEFAULT_RULES):
+           put=lambda a, names: a, rules=partitioning.DEFAULT_RULES, num_prompts: int | None = None):
   """`sc.num_samples` continuations of each prefilled prompt (`prefill`'s outputs).
 
-  With `shrink`, finished rows leave the batch: whenever the live rows fit in an
-  eighth fewer rows (rounded up to a multiple of an eighth of the batch, and of
-  `data_parallel`), the loop stops, the finished rows are collected and the live ones
-  continue as a smaller batch, so that the last long rows do not drag the whole batch
-  along.  Each row draws from its own random stream, so shrinking changes no token.
+  Only the first `num_prompts` prompts are sampled (default: all); the rest fill a
+  last, partial batch and their rows start done: they never keep the loop going,
+  and a shrinking batch sheds them at once.
+
+  With `shrink`, finished rows leave the batch: whenever the live rows fall to an
+  eighth fewer (of the batch's rows, rounded up to a multiple of `data_parallel`), the
+  loop stops and the batch is laid out again without its finished rows
+  (`shrink_plan`: blocks of rows of one prompt sharing a copy of its prompt's cache),
+  so that the last long rows do not drag the whole batch along.  Each row draws from
+  its own random stream, so shrinking changes no token.
   Returns host arrays tokens [B*n, T], lengths [B*n], logprobs [B*n, T] and the
   number of token slots computed.
   """
   n, t = sc.num_samples, sc.max_new_tokens
-  state = decode_init(logits_BxV, prompt_mask_BxP, rng, jnp.int32(eos_id), jnp.int32(pad_id), cfg=cfg,
-                      sc=sc, rules=rules)
-  rows = total = prompt_mask_BxP.shape[0] * n
+  b, p = prompt_mask_BxP.shape
+  state = decode_init(logits_BxV, prompt_mask_BxP, rng, jnp.int32(eos_id), jnp.int32(pad_id),
+                      jnp.int32(b if num_prompts is None else num_prompts), cfg=cfg, sc=sc, rules=rules)
+  rows = total = b * n
   quantum = -(-max(1, total // 8) // data_parallel) * data_parallel
   out_t = np.full((total, t), pad_id, np.int32)
   out_l = np.zeros((total,), np.int32)
   out_lp = np.zeros((total, t), np.float32)
-  row_ids = np.arange(total)  # the batch row each state row holds
-  source = row_ids // n  # the prefix row each state row reads
+  row_ids = np.arange(total)  # the batch row each state row holds (row // n: its prompt)
+  group = n  # state row r reads prefix row r // group
   computed, step = total, 1
 
   def collect(which):
@@ -381,27 +440,34 @@ def decode(params, logits_BxV, prefix, prompt_mask_BxP, rng, eos_id: int, pad_id
     out_t[at], out_lp[at], out_l[at] = (multihost.to_host(state[k])[which]
                                         for k in ("tokens", "logprobs", "lengths"))
 
-  live = np.flatnonzero(~multihost.to_host(state["done"]))
+  done = multihost.to_host(state["done"])
+  live = np.flatnonzero(~done)
+  stop_at = rows - quantum if shrink and rows > quantum else 0  # live rows at which the loop stops
   for w in decode_segments(t):
-    if len(live) and step < t and state["kv_mask"].shape[1] < prompt_mask_BxP.shape[1] + w:
-      state = decode_grow(state, prompt_mask_BxP.shape[1] + w)
+    if len(live) and step < t and state["kv_mask"].shape[1] < p + w:
+      state = decode_grow(state, p + w)
     while len(live) and step < t and step <= w:
-      min_live = rows - quantum if shrink and rows > quantum else 0
-      state = decode_loop(params, state, prefix, jnp.int32(min_live), jnp.int32(eos_id), jnp.int32(pad_id),
-                          cfg=cfg, sc=sc, width=w, num_rows=total, rules=rules)
-      now = int(state["step"])
-      computed += rows * (now - step)
-      step = now
-      done = multihost.to_host(state["done"])
-      live = np.flatnonzero(~done)
-      if shrink and 0 < len(live) <= rows - quantum:
-        size = -(-len(live) // quantum) * quantum
-        finished = np.flatnonzero(done)
-        keep = np.concatenate([live, finished[:size - len(live)]]).astype(np.int32)
-        collect(finished[size - len(live):])
-        state, prefix = decode_shrink(state, prefix, put(keep, (None,)), put(source[keep], (None,)))
-        row_ids, source, rows = row_ids[keep], np.arange(size), size
-        live = np.flatnonzero(~done[keep])
+      if len(live) > stop_at:
+        state = decode_loop(params, state, prefix, jnp.int32(stop_at), jnp.int32(eos_id), jnp.int32(pad_id),
+                            cfg=cfg, sc=sc, width=w, num_rows=total, rules=rules)
+        now = int(state["step"])
+        computed += rows * (now - step)
+        step = now
+        done = multihost.to_host(state["done"])
+        live = np.flatnonzero(~done)
+      if not shrink or not len(live) or len(live) > stop_at:
+        continue  # the end of a segment or of the call
+      plan = shrink_plan(done, row_ids // n, group, n, quantum, data_parallel, t, p)
+      if plan is not None:
+        keep, source = plan
+        collect(np.flatnonzero(done))
+        state, prefix = decode_shrink(state, prefix, put(keep.astype(np.int32), (None,)),
+                                      put(source.astype(np.int32), (None,)))
+        row_ids, rows, group = row_ids[keep], len(keep), len(keep) // len(source)
+        done = done[keep]
+        live = np.flatnonzero(~done)
+      # the next stop: an eighth below the rows, or below the live rows if nothing was shed
+      stop_at = max(0, min(rows, -(-len(live) // quantum) * quantum) - quantum) if rows > quantum else 0
   collect(np.arange(rows))
   return out_t, out_l, out_lp, computed
 
@@ -444,8 +510,8 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
   """Samples `sc.num_samples` completions for each prompt (token lists).
 
   Prompts are sorted by length and processed `batch_size` at a time (the last
-  batch padded, so every call has the same shape); results come back in the
-  given order.  The longest prompt's length is bucketed (`bucket_length`), or
+  batch padded, so every call has the same shape; its filler rows start done, and
+  a shrinking batch sheds them at once); results come back in the given order.  The longest prompt's length is bucketed (`bucket_length`), or
   fixed with `max_prompt_len`; each batch's prefill runs in `prefill_groups`
   groups of similar length, each padded only to its own bucket (a 32-prompt
   GSM8K batch prefills 25% fewer tokens).  With a mesh the batch is sharded over the
@@ -500,7 +566,7 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
                       jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts))
     t, l, lp, slots = decode(params, logits, prefix, put(np.concatenate(masks), ("batch", "length")),
                              jax.random.fold_in(rng, start), eos_id, pad_id, cfg=cfg, sc=sc.device_part(),
-                             shrink=sc.shrink, data_parallel=dp, put=put, rules=rules)
+                             shrink=sc.shrink, data_parallel=dp, put=put, rules=rules, num_prompts=len(chunk))
     k = len(chunk)
     shape = (batch_size, num_samples, max_new_tokens)
     out_t[idx] = t.reshape(shape)[:k]

@@ -244,17 +244,17 @@ def test_refilled_and_shrunk_rows_match_full_forwards_and_waste_fewer_slots(para
   wasted slots than fixed batches."""
   rng = np.random.RandomState(4)
   prompts = [list(rng.randint(3, 61, n)) for n in (3, 12, 5, 20, 7, 2)]
-  eos = 9
+  eos, new = 9, 40  # more new slots than the prompts' 32: rows of their own fit the memory budget
   runs = {}
   for refill, shrink in ((False, False), (False, True), (True, False)):
-    sc = SC(num_samples=3, max_new_tokens=24, temperature=1.0, refill=refill, shrink=shrink)
+    sc = SC(num_samples=3, max_new_tokens=new, temperature=1.0, refill=refill, shrink=shrink)
     runs[refill, shrink] = out = sampling.sample(CFG, params, prompts, sc, eos_id=eos, rng=11,
                                                  batch_size=batch_size)
     for i, pr in enumerate(prompts):
       for j in range(3):
         n = int(out.lengths[i, j])
         toks = [int(x) for x in out.tokens[i, j, :n]]
-        assert 1 <= n <= 24 and eos not in toks[:-1] and (n == 24 or toks[-1] == eos)
+        assert 1 <= n <= new and eos not in toks[:-1] and (n == new or toks[-1] == eos)
         assert not out.tokens[i, j, n:].any() and not out.logprobs[i, j, n:].any()
         lp = jax.nn.log_softmax(forward(params, jnp.asarray([list(pr) + toks]))[0])
         assert_close(out.logprobs[i, j, :n], [float(lp[len(pr) + k - 1, toks[k]]) for k in range(n)],
@@ -270,3 +270,47 @@ def test_refilled_and_shrunk_rows_match_full_forwards_and_waste_fewer_slots(para
   order = np.argsort([len(p) for p in prompts], kind="stable")  # batches of similar length
   assert fixed.computed == batch_size * 3 * sum(  # rows x (longest row) per batch
       fixed.lengths[order[i:i + batch_size]].max() for i in range(0, 6, batch_size))
+
+
+def test_a_partial_last_batch_computes_no_filler_rows(params):
+  """5 prompts in batches of 4: the second call holds one prompt and 3 filler prompts.
+  Their rows start done, so the shrinking batch drops them after token 0 (which the
+  prefill computes for the whole batch), and the samples are token for token those
+  of fixed batches."""
+  rng = np.random.RandomState(2)
+  prompts = [list(rng.randint(3, 61, n)) for n in (3, 6, 4, 5, 2)]
+  runs = {shrink: sampling.sample(CFG, params, prompts, SC(num_samples=3, max_new_tokens=8, temperature=1.0,
+                                                           shrink=shrink), eos_id=-1, rng=5, batch_size=4)
+          for shrink in (False, True)}
+  np.testing.assert_array_equal(runs[True].tokens, runs[False].tokens)
+  assert (runs[True].lengths == 8).all()
+  assert runs[False].computed == 2 * 12 * 8  # no EOS: both calls run every row to the cap
+  assert runs[True].computed == 12 * 8 + 12 + 3 * 7  # the second: token 0 of 12 rows, then 3 rows
+
+
+def test_shrink_plan_keeps_every_live_row_in_blocks_of_one_prompt_within_the_memory_budget():
+  """4 prompts x 4 samples (one shared prefix row per prompt).  Prompt 0 is done, 1 has
+  1 live row, 2 has 2, 3 has 4: 7 live rows fit in 8 rows, as blocks of 2 (each with its
+  prompt's prefix row) or 8 single rows; the fewest rows win, then the largest block.
+  When every layout that sheds rows would hold more cache slots than the budget, the
+  batch stays as it is."""
+  prompt_R = np.arange(16) // 4
+  done_R = np.ones(16, bool)
+  live = [5, 8, 10, 12, 13, 14, 15]
+  done_R[live] = False
+  keep, source = sampling.shrink_plan(done_R, prompt_R, 4, 4, quantum=2, data_parallel=1, new_tokens=10,
+                                      prefix_len=4, budget=16 * 10 + 4 * 4)
+  assert len(keep) == 8 and len(source) == 4  # blocks of 2
+  assert sorted(r for r in keep if not done_R[r]) == live  # every live row once
+  for i, r in enumerate(keep):  # a block reads its rows' prompt (prefix row = prompt here)
+    assert done_R[r] or prompt_R[r] == source[i // 2]
+  np.testing.assert_array_equal(source, [1, 2, 3, 3])
+  # 3 live rows of each prompt: only single rows shed any (12 rows), at 12 x (10 + p) slots
+  done_R = np.tile([False, False, False, True], 4)
+  plan = dict(done_R=done_R, prompt_R=prompt_R, group=4, num_samples=4, quantum=2, data_parallel=1,
+              new_tokens=10)
+  keep, source = sampling.shrink_plan(**plan, prefix_len=4, budget=16 * 10 + 4 * 4)
+  assert len(keep) == len(source) == 12 and not done_R[keep].any()
+  assert sampling.shrink_plan(**plan, prefix_len=6, budget=16 * 10 + 4 * 6) is None
+  # the rows and the prefix rows must split over the data-parallel devices
+  assert sampling.shrink_plan(**dict(plan, data_parallel=8), prefix_len=4, budget=10 ** 6) is None
