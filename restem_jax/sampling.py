@@ -7,10 +7,11 @@ prefilled once; its KV cache is shared by the `num_samples` rows that continue
 it (attention reads it once per prompt, not once per sample).  Decoding stops
 when every row has emitted EOS or `max_new_tokens` is reached.  Finished rows
 leave the batch (`SamplingConfig.shrink`): as they finish, the loop stops, and the
-live rows go on as a smaller batch (by eighths of the batch, each with its own
-copy of its prompt's cache), so that the last long rows do not drag a full batch
-along.  Every row draws its row of the whole batch's random numbers, so shrinking
-changes no token.
+live rows go on as a smaller batch (by eighths of the batch; blocks of rows of one
+prompt share a copy of its cache, down to a copy per row, as long as the batch
+holds no more cache than before: `shrink_plan`), so that the last long rows do not
+drag a full batch along.  Every row draws its row of the whole batch's random
+numbers, so shrinking changes no token.
 
 `SamplingConfig.refill` switches to continuous batching (`refill.py`): a
 pool of rows with one ring-buffer cache each, a finished row taking the next
