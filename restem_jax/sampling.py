@@ -365,10 +365,10 @@ def shrink_plan(done_R, prompt_R, group: int, num_samples: int, quantum: int, da
   `quantum` rows.  Among the g (divisors of num_samples) that shrink the batch, the
   fewest rows win, then the largest g; a plan whose caches (rows x new_tokens + prefix
   rows x prefix_len slots) would exceed `budget` slots (default: the batch's caches
-  now) is refused, so a shrinking batch never holds more memory than before: a row
-  with a copy of its prompt of its own costs prefix_len more slots.  `done_R`: which of the R current
-  rows are finished; `prompt_R`: the prompt each continues; row r reads prefix row
-  r // group.  The plan depends only on these (the same on every host).
+  now) is refused, so a shrinking batch never holds more memory than before (a row
+  with its own copy of its prompt costs prefix_len more slots).  `done_R`: which of
+  the R current rows are finished; `prompt_R`: the prompt each continues; row r reads
+  prefix row r // group.  The plan depends only on these (the same on every host).
   """
   rows = len(done_R)
   live = np.flatnonzero(~done_R)
@@ -512,8 +512,9 @@ def sample(cfg: model_lib.ModelConfig, params, prompt_tokens: Sequence[Sequence[
 
   Prompts are sorted by length and processed `batch_size` at a time (the last
   batch padded, so every call has the same shape; its filler rows start done, and
-  a shrinking batch sheds them at once); results come back in the given order.  The longest prompt's length is bucketed (`bucket_length`), or
-  fixed with `max_prompt_len`; each batch's prefill runs in `prefill_groups`
+  a shrinking batch sheds them at once); results come back in the given order.
+  The longest prompt's length is bucketed (`bucket_length`), or fixed with
+  `max_prompt_len`; each batch's prefill runs in `prefill_groups`
   groups of similar length, each padded only to its own bucket (a 32-prompt
   GSM8K batch prefills 25% fewer tokens).  With a mesh the batch is sharded over the
   data axes (`batch_size` is rounded up to a multiple of their size); with
