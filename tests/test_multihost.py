@@ -32,9 +32,12 @@ TINY = os.path.join(ROOT, "gin", "restem_arith_tiny.gin")
 
 def _bindings(run_dir, base):
   # the given model is the start: no SFT on human data (human_split ''); one iteration
-  # (a second would spread its rows and gather them the same way again)
+  # (a second would spread its rows and gather them the same way again); batches that
+  # shrink as rows finish (real models' default; the demo's gin turns it off), so every
+  # process must lay out the same smaller batches
   return [f"--gin.RUN_DIR='{run_dir}'", f"--gin.RestemConfig.base_checkpoint='{base}'",
           "--gin.RestemConfig.human_split=''", "--gin.RestemConfig.num_iterations=1",
+          "--gin.SamplingConfig.shrink=True",
           "--gin.mstep/TrainConfig.checkpoint_every=4"]  # saves mid-M-step to resume from
 
 
