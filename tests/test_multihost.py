@@ -1,5 +1,5 @@
 """Several JAX processes on this machine (gloo collectives), as on several hosts:
-the helpers, one iteration of the tiny ReST^EM run on 2 processes x 4 devices
+the helpers and a shrinking sampler batch, one iteration of the tiny ReST^EM run on 2 processes x 4 devices
 against 1 process x 8 devices, and resume after kill -9 of one process and then of all.
 
 Both runs start from the same SFT checkpoint (the tiny run's).  From there the
@@ -32,12 +32,9 @@ TINY = os.path.join(ROOT, "gin", "restem_arith_tiny.gin")
 
 def _bindings(run_dir, base):
   # the given model is the start: no SFT on human data (human_split ''); one iteration
-  # (a second would spread its rows and gather them the same way again); batches that
-  # shrink as rows finish (real models' default; the demo's gin turns it off), so every
-  # process must lay out the same smaller batches
+  # (a second would spread its rows and gather them the same way again)
   return [f"--gin.RUN_DIR='{run_dir}'", f"--gin.RestemConfig.base_checkpoint='{base}'",
           "--gin.RestemConfig.human_split=''", "--gin.RestemConfig.num_iterations=1",
-          "--gin.SamplingConfig.shrink=True",
           "--gin.mstep/TrainConfig.checkpoint_every=4"]  # saves mid-M-step to resume from
 
 
@@ -88,7 +85,20 @@ print(json.dumps(dict(
     devices=jax.device_count(), local=jax.local_device_count(), doubled_ok=bool((doubled == 2 * x).all()),
     split=multihost.split_map(lambda xs: [[v, jax.process_index()] for v in xs], list(range(7))),
     gathered=multihost.allgather_json({"p": jax.process_index(), "text": "é" * jax.process_index()}))))
+# a shrinking sampler batch, its rows spread over both processes (SAMPLE, below)
+from flax import linen as nn
+from restem_jax import model, sampling
+cfg = model.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+shardings = partitioning.logical_shardings(jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0)), mesh)
+params = jax.jit(lambda k: nn.unbox(model.init_params(cfg, k)), out_shardings=nn.unbox(shardings))(jax.random.key(0))
+with jax.set_mesh(mesh):
+  out = sampling.sample(cfg, params, SAMPLE["prompts"], sampling.SamplingConfig(**SAMPLE["sc"]), mesh=mesh,
+                        **SAMPLE["kw"])
+print(json.dumps(dict(tokens=out.tokens.tolist(), lengths=out.lengths.tolist(), computed=out.computed)))
 """
+SAMPLE = dict(prompts=[[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14], [15, 16, 17], [18], [19, 20]],
+              sc=dict(num_samples=4, max_new_tokens=40, temperature=1.0), kw=dict(eos_id=9, rng=7, batch_size=8))
+HELPERS = HELPERS.replace("SAMPLE[", f"{SAMPLE!r}[")
 
 
 def test_helpers_on_two_processes():
@@ -99,13 +109,27 @@ def test_helpers_on_two_processes():
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  got = [json.loads(out.strip().splitlines()[-2]) for out, _ in outs]
   assert got[0] == got[1]  # every host ends with the same values
   g = got[0]
   assert (g["devices"], g["local"], g["doubled_ok"]) == (8, 4, True)
   # item i was computed by process i % 2, and comes back in order
   assert g["split"] == [[i, i % 2] for i in range(7)]
   assert g["gathered"] == [{"p": 0, "text": ""}, {"p": 1, "text": "é"}]
+  # the shrinking batch: every host laid out the same smaller batches, and the samples are
+  # those of one device (each row draws its own row of the batch's random numbers)
+  sampled = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert sampled[0] == sampled[1]
+  import jax
+  from flax import linen as nn
+  from restem_jax import model, sampling
+  cfg = model.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  params = nn.unbox(model.init_params(cfg, jax.random.key(0)))
+  one = sampling.sample(cfg, params, SAMPLE["prompts"], sampling.SamplingConfig(**SAMPLE["sc"]), **SAMPLE["kw"])
+  np.testing.assert_array_equal(np.asarray(sampled[0]["tokens"]), one.tokens)
+  np.testing.assert_array_equal(np.asarray(sampled[0]["lengths"]), one.lengths)
+  lengths = one.lengths.ravel()
+  assert lengths.min() < lengths.max() and sampled[0]["computed"] < len(lengths) * lengths.max()  # it shrank
 
 
 def test_two_processes_give_the_one_process_summary(base, one_process, tmp_path):
