@@ -13,8 +13,8 @@
    At the estep shape: the loop before finished rows left the batch (`shrink` off:
    fixed batches that wait for their longest row), then `shrink` (finished rows
    leave the batch as it shrinks by eighths), and `generate` in bfloat16 in calls
-   of as many prompts; `--refill` adds continuous
-   batching (a pool of 16 prompts' rows refilled once over).  Each in useful
+   of as many prompts; `--refill` adds continuous batching (a pool of 16 prompts'
+   rows refilled once over).  Each in useful
    tokens (up to and including EOS) per second and useful-slot fraction (useful
    over computed token slots).  Estep runs are timed once each, less the seconds
    JAX reports compiling (tracing, lowering, XLA) in the call: a real E-step makes

@@ -88,7 +88,7 @@ print(json.dumps(dict(
 # a shrinking sampler batch, its rows spread over both processes (SAMPLE, below)
 from flax import linen as nn
 from restem_jax import model, sampling
-cfg = model.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+cfg = model.ModelConfig(**SAMPLE["cfg"])
 shardings = partitioning.logical_shardings(jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0)), mesh)
 params = jax.jit(lambda k: nn.unbox(model.init_params(cfg, k)), out_shardings=nn.unbox(shardings))(jax.random.key(0))
 with jax.set_mesh(mesh):
@@ -96,7 +96,8 @@ with jax.set_mesh(mesh):
                         **SAMPLE["kw"])
 print(json.dumps(dict(tokens=out.tokens.tolist(), lengths=out.lengths.tolist(), computed=out.computed)))
 """
-SAMPLE = dict(prompts=[[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14], [15, 16, 17], [18], [19, 20]],
+SAMPLE = dict(cfg=dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
+              prompts=[[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14], [15, 16, 17], [18], [19, 20]],
               sc=dict(num_samples=4, max_new_tokens=40, temperature=1.0), kw=dict(eos_id=9, rng=7, batch_size=8))
 HELPERS = HELPERS.replace("SAMPLE[", f"{SAMPLE!r}[")
 
@@ -123,7 +124,7 @@ def test_helpers_on_two_processes():
   import jax
   from flax import linen as nn
   from restem_jax import model, sampling
-  cfg = model.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  cfg = model.ModelConfig(**SAMPLE["cfg"])
   params = nn.unbox(model.init_params(cfg, jax.random.key(0)))
   one = sampling.sample(cfg, params, SAMPLE["prompts"], sampling.SamplingConfig(**SAMPLE["sc"]), **SAMPLE["kw"])
   np.testing.assert_array_equal(np.asarray(sampled[0]["tokens"]), one.tokens)
