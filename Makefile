@@ -35,6 +35,7 @@ test: $(STAMP) sandbox
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sampler.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/decode_step.py
 	$(BIN)/python benchmarks/verifiers.py
 
 clean:
