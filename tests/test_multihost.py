@@ -1,6 +1,7 @@
 """Several JAX processes on this machine (gloo collectives), as on several hosts:
-the helpers and a shrinking sampler batch, one iteration of the tiny ReST^EM run on 2 processes x 4 devices
-against 1 process x 8 devices, and resume after kill -9 of one process and then of all.
+the helpers and a shrinking sampler batch, one iteration of the tiny ReST^EM run on
+2 processes x 4 devices against 1 process x 8 devices, and resume after kill -9 of
+one process and then of all.
 
 Both runs start from the same SFT checkpoint (the tiny run's).  From there the
 summaries are equal exactly: sampling and verification do not depend on how
@@ -99,7 +100,7 @@ print(json.dumps(dict(tokens=out.tokens.tolist(), lengths=out.lengths.tolist(), 
 SAMPLE = dict(cfg=dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
               prompts=[[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14], [15, 16, 17], [18], [19, 20]],
               sc=dict(num_samples=4, max_new_tokens=40, temperature=1.0), kw=dict(eos_id=9, rng=7, batch_size=8))
-HELPERS = HELPERS.replace("SAMPLE[", f"{SAMPLE!r}[")
+HELPERS = f"SAMPLE = {SAMPLE!r}\n" + HELPERS
 
 
 def test_helpers_on_two_processes():
